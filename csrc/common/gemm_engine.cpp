@@ -1,0 +1,205 @@
+// Backends of the GEMM engine (interface and contract in gemm.h). This is the one file that touches torch's
+// internal micro-kernel API (at::native::cpublas), so a torch upgrade that changes it breaks only here.
+#include "common/gemm.h"
+
+#include "common/parallel.h"
+
+#include <ATen/Config.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace fl {
+
+namespace {
+
+// Tile sizes for the micro-kernel: measured by benchmarks/bench_gemm.py, these reach the FMA peak on the
+// block shapes the kernels use while keeping a B panel (kTileK x kTileN) in L1/L2.
+constexpr int64_t kTileM = 64;
+constexpr int64_t kTileN = 64;
+constexpr int64_t kTileK = 512;
+
+template <typename T>
+void portable_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                   int64_t ldc, bool accumulate) {
+  for (int64_t i = 0; i < M; ++i) {
+    T* __restrict c = C + i * ldc;
+    if (!accumulate) std::fill(c, c + N, T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = A[i * lda + k];
+      const T* __restrict b = B + k * ldb;
+      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
+bool env_forces_portable() {
+  const char* env = std::getenv("FUSEDLAYERS_GEMM");
+  return env != nullptr && std::strcmp(env, "portable") == 0;
+}
+
+// Checks once that the micro-kernel exists and gives right answers on this machine.
+bool probe_brgemm_f32() {
+#if AT_MKLDNN_ENABLED()
+  if (env_forces_portable()) return false;
+  try {
+    const float a[4] = {1, 2, 3, 4}, b[4] = {5, 6, 7, 8};
+    float c[4] = {0, 0, 0, 0};
+    at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, b, c, false);
+    return c[0] == 19 && c[1] == 22 && c[2] == 43 && c[3] == 50;
+  } catch (...) {
+    return false;
+  }
+#else
+  return false;
+#endif
+}
+
+bool probe_brgemm_bf16() {
+#if AT_MKLDNN_ENABLED()
+  if (env_forces_portable() || !at::native::cpublas::could_pack(at::kBFloat16)) return false;
+  try {
+    const bf16 a[4] = {1, 2, 3, 4}, b[4] = {5, 6, 7, 8};
+    bf16 packed[4];
+    at::native::cpublas::pack(2, 2, 2, 2, at::kBFloat16, at::kBFloat16, b, packed);
+    float c[4] = {0, 0, 0, 0};
+    at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, packed, c, true);
+    return c[0] == 19 && c[1] == 22 && c[2] == 43 && c[3] == 50;
+  } catch (...) {
+    return false;
+  }
+#else
+  return false;
+#endif
+}
+
+bool use_brgemm_f32() {
+  static const bool ok = probe_brgemm_f32();
+  return ok;
+}
+
+bool use_brgemm_bf16() {
+  static const bool ok = probe_brgemm_bf16();
+  return ok;
+}
+
+}  // namespace
+
+const char* gemm_backend() { return use_brgemm_f32() ? "brgemm" : "portable"; }
+
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+          int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
+    return;
+  }
+  if (!use_brgemm_f32()) return portable_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  for (int64_t n0 = 0; n0 < N; n0 += kTileN) {
+    const int64_t nb = std::min(kTileN, N - n0);
+    for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
+      const int64_t mb = std::min(kTileM, M - m0);
+      for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+        const int64_t kb = std::min(kTileK, K - k0);
+        at::native::cpublas::brgemm(mb, nb, kb, lda, ldb, ldc, accumulate || k0 > 0, A + m0 * lda + k0,
+                                    B + k0 * ldb + n0, C + m0 * ldc + n0, false);
+      }
+    }
+  }
+}
+
+void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb,
+          double* C, int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  portable_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+// Packed layout: pairs of consecutive K rows interleaved, [ceil(K/2)][N][2], odd K padded with a zero row.
+int64_t packed_b_bf16_size(int64_t K, int64_t N) { return ((K + 1) / 2) * N * 2; }
+
+void pack_b_bf16(int64_t K, int64_t N, const bf16* B, int64_t ldb, bf16* B_packed) {
+  const int64_t pairs = (K + 1) / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const bf16* row0 = B + (2 * p) * ldb;
+    const bool has_row1 = 2 * p + 1 < K;
+    const bf16* row1 = B + (2 * p + 1) * ldb;
+    bf16* out = B_packed + p * N * 2;
+    for (int64_t j = 0; j < N; ++j) {
+      out[2 * j] = row0[j];
+      out[2 * j + 1] = has_row1 ? row1[j] : bf16(0.f);
+    }
+  }
+}
+
+void gemm_bf16(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf16* B_packed,
+               int64_t N_packed, int64_t n0, float* C, int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  const int64_t K_even = K & ~int64_t(1);
+  if (use_brgemm_bf16() && K_even > 0) {
+    for (int64_t j0 = 0; j0 < N; j0 += kTileN) {
+      const int64_t nb = std::min(kTileN, N - j0);
+      for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
+        const int64_t mb = std::min(kTileM, M - m0);
+        for (int64_t k0 = 0; k0 < K_even; k0 += kTileK) {
+          const int64_t kb = std::min(kTileK, K_even - k0);
+          at::native::cpublas::brgemm(mb, nb, kb, lda, N_packed, ldc, accumulate || k0 > 0,
+                                      A + m0 * lda + k0, B_packed + (k0 / 2) * N_packed * 2 + (n0 + j0) * 2,
+                                      C + m0 * ldc + j0, true);
+        }
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < M; ++i)
+      if (!accumulate) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
+  }
+  // The portable path, and the odd last row of K, read the packed pairs directly.
+  const int64_t k_start = (use_brgemm_bf16() && K_even > 0) ? K_even : 0;
+  for (int64_t i = 0; i < M; ++i) {
+    float* c = C + i * ldc;
+    for (int64_t k = k_start; k < K; ++k) {
+      const float a = static_cast<float>(A[i * lda + k]);
+      const bf16* b = B_packed + (k / 2) * N_packed * 2 + (k % 2);
+      for (int64_t j = 0; j < N; ++j) c[j] += a * static_cast<float>(b[(n0 + j) * 2]);
+    }
+  }
+}
+
+namespace {
+
+template <typename T>
+void tiled_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                    int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  // Tiles big enough to keep the micro-kernel at full speed, and enough of them to share among threads.
+  const int64_t tile_m = 4 * kTileM, tile_n = 4 * kTileN;
+  const int64_t tiles_m = (M + tile_m - 1) / tile_m, tiles_n = (N + tile_n - 1) / tile_n;
+  const int64_t flops_per_tile = 2 * std::min(tile_m, M) * std::min(tile_n, N) * std::max<int64_t>(K, 1);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(flops_per_tile, 1));
+  parallel_for(tiles_m * tiles_n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      // Column-major order over tiles: consecutive tiles share the same B panel.
+      const int64_t tm = t % tiles_m, tn = t / tiles_m;
+      const int64_t m0 = tm * tile_m, n0 = tn * tile_n;
+      gemm(std::min(tile_m, M - m0), std::min(tile_n, N - n0), K, A + m0 * lda, lda, B + n0, ldb,
+           C + m0 * ldc + n0, ldc, accumulate);
+    }
+  });
+}
+
+}  // namespace
+
+void gemm_parallel(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                   float* C, int64_t ldc, bool accumulate) {
+  tiled_parallel(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+void gemm_parallel(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
+                   int64_t ldb, double* C, int64_t ldc, bool accumulate) {
+  tiled_parallel(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+}  // namespace fl

@@ -1,0 +1,326 @@
+// CPU kernels of the fused LSTM layer (see lstm_kernel.h). Built once per ISA, inside namespace fl::FL_ISA.
+//
+// Layout: the gate pre-activations of all steps are one [N x 4H] matrix whose columns are reordered in blocks
+// of kUnitBlock hidden units, [i f g o] inside each block, so that one thread owns whole blocks: it runs the
+// recurrent GEMM for its columns and the gate math on them with no barrier in between. The input projection
+// of every step is one large GEMM before the time loop; the weight gradients are large GEMMs after it.
+#include "lstm/lstm_kernel.h"
+
+#include "common/gemm.h"
+#include "common/parallel.h"
+#include "common/vec_math.h"
+#include "lstm/lstm_math.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace fl::FL_ISA {
+
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kUnitBlock = 16;
+// Below this many FLOPs a parallel phase runs on one thread: waking the other costs more than it saves.
+constexpr int64_t kMinFlopsPerThread = 1 << 19;
+
+// The column order of the gate matrix: hidden unit j of gate k lives at column(k, j).
+struct GateColumns {
+  int64_t hidden;
+  int64_t blocks() const { return (hidden + kUnitBlock - 1) / kUnitBlock; }
+  int64_t base(int64_t block) const { return 4 * kUnitBlock * block; }
+  int64_t width(int64_t block) const { return std::min(kUnitBlock, hidden - block * kUnitBlock); }
+  int64_t column(int64_t gate, int64_t unit) const {
+    const int64_t block = unit / kUnitBlock;
+    return base(block) + gate * width(block) + unit % kUnitBlock;
+  }
+  // permutation[r] = the column of torch's gate row r (r = gate * H + unit).
+  std::vector<int64_t> permutation() const {
+    std::vector<int64_t> perm(4 * hidden);
+    for (int64_t gate = 0; gate < 4; ++gate)
+      for (int64_t unit = 0; unit < hidden; ++unit) perm[gate * hidden + unit] = column(gate, unit);
+    return perm;
+  }
+};
+
+// dst[k * R + perm[r]] = src[r * K + k]: a torch weight [R x K] becomes the GEMM's right operand [K x R].
+template <typename T>
+void pack_transposed(int64_t R, int64_t K, const T* src, const std::vector<int64_t>& perm, T* dst) {
+  constexpr int64_t kTile = 16;
+  parallel_for((R + kTile - 1) / kTile, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = begin * kTile; r0 < std::min(R, end * kTile); r0 += kTile)
+      for (int64_t k0 = 0; k0 < K; k0 += kTile)
+        for (int64_t r = r0; r < std::min(R, r0 + kTile); ++r)
+          for (int64_t k = k0; k < std::min(K, k0 + kTile); ++k) dst[k * R + perm[r]] = src[r * K + k];
+  });
+}
+
+// The inverse of pack_transposed: dst[r * K + k] = src[k * R + perm[r]].
+template <typename T>
+void unpack_transposed(int64_t R, int64_t K, const T* src, const std::vector<int64_t>& perm, T* dst) {
+  constexpr int64_t kTile = 16;
+  parallel_for((R + kTile - 1) / kTile, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = begin * kTile; r0 < std::min(R, end * kTile); r0 += kTile)
+      for (int64_t k0 = 0; k0 < K; k0 += kTile)
+        for (int64_t r = r0; r < std::min(R, r0 + kTile); ++r)
+          for (int64_t k = k0; k < std::min(K, k0 + kTile); ++k) dst[r * K + k] = src[k * R + perm[r]];
+  });
+}
+
+// Rows of a torch weight [R x K] reordered into gate-column order: dst[perm[r]] = src[r].
+template <typename T>
+void permute_rows(int64_t R, int64_t K, const T* src, const std::vector<int64_t>& perm, T* dst) {
+  for (int64_t r = 0; r < R; ++r) std::memcpy(dst + perm[r] * K, src + r * K, sizeof(T) * K);
+}
+
+int64_t grain_for(int64_t items, int64_t flops_per_item) {
+  (void)items;
+  return std::max<int64_t>(1, kMinFlopsPerThread / std::max<int64_t>(1, flops_per_item));
+}
+
+// Gate math on one block of `width` units of one row: pre-activations in, activations out (in place), the
+// cell state updated in place and copied to `cell_out`, the cell output written to `hidden_out`.
+template <typename T>
+void block_forward(T* gates, int64_t width, T* cell_state, T* cell_out, T* hidden_out) {
+  using V = Vectorized<T>;
+  for (int64_t j = 0; j < width; j += V::size()) {
+    const int64_t n = std::min<int64_t>(V::size(), width - j);
+    const V pre_i = V::loadu(gates + j, n), pre_f = V::loadu(gates + width + j, n);
+    const V pre_g = V::loadu(gates + 2 * width + j, n), pre_o = V::loadu(gates + 3 * width + j, n);
+    const V c_prev = V::loadu(cell_state + j, n);
+    V i, f, g, o, c, h;
+    lstm_cell_forward_math(pre_i, pre_f, pre_g, pre_o, c_prev, i, f, g, o, c, h);
+    i.store(gates + j, n);
+    f.store(gates + width + j, n);
+    g.store(gates + 2 * width + j, n);
+    o.store(gates + 3 * width + j, n);
+    c.store(cell_state + j, n);
+    if (cell_out != nullptr) c.store(cell_out + j, n);
+    h.store(hidden_out + j, n);
+  }
+}
+
+// Backward of block_forward: activations in `gates` are replaced by the pre-activation gradients; the cell
+// gradient is updated in place (from dL/dc_t to dL/dc_{t-1}).
+template <typename T>
+void block_backward(T* gates, int64_t width, const T* grad_hidden, T* grad_cell, const T* cell,
+                    const T* cell_prev) {
+  using V = Vectorized<T>;
+  for (int64_t j = 0; j < width; j += V::size()) {
+    const int64_t n = std::min<int64_t>(V::size(), width - j);
+    const V i = V::loadu(gates + j, n), f = V::loadu(gates + width + j, n);
+    const V g = V::loadu(gates + 2 * width + j, n), o = V::loadu(gates + 3 * width + j, n);
+    V di, df, dg, do_, dc_prev;
+    lstm_cell_backward_math(V::loadu(grad_hidden + j, n), V::loadu(grad_cell + j, n), i, f, g, o,
+                            V::loadu(cell + j, n), V::loadu(cell_prev + j, n), di, df, dg, do_, dc_prev);
+    di.store(gates + j, n);
+    df.store(gates + width + j, n);
+    dg.store(gates + 2 * width + j, n);
+    do_.store(gates + 3 * width + j, n);
+    dc_prev.store(grad_cell + j, n);
+  }
+}
+
+struct StepTable {
+  std::vector<int64_t> offset;  // offset[t] = first row of step t; offset[T] = N
+  std::vector<int64_t> batch;   // batch[t]
+  explicit StepTable(const LstmLayerSizes& s, const int64_t* batch_sizes)
+      : offset(s.steps + 1, 0), batch(batch_sizes, batch_sizes + s.steps) {
+    for (int64_t t = 0; t < s.steps; ++t) offset[t + 1] = offset[t] + batch[t];
+  }
+};
+
+// Projection h = r W_hr^T for the n rows of one step, shared among threads by column tiles.
+template <typename T>
+void project_rows(int64_t n, int64_t H, int64_t P, const T* raw, const T* w_hr_t, T* out) {
+  constexpr int64_t kTile = 64;
+  const int64_t tiles = (P + kTile - 1) / kTile;
+  parallel_for(tiles, grain_for(tiles, 2 * n * kTile * H), [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t p0 = tile * kTile, width = std::min(kTile, P - p0);
+      gemm(n, width, H, raw, H, w_hr_t + p0, P, out + p0, P, false);
+    }
+  });
+}
+
+template <typename T>
+void forward_impl(const LstmLayerForwardArgs<T>& a) {
+  const LstmLayerSizes& s = a.sizes;
+  const int64_t H = s.hidden_size, P = s.output_size, I = s.input_size, G4 = 4 * H;
+  const GateColumns columns{H};
+  const std::vector<int64_t> perm = columns.permutation();
+  const StepTable steps(s, a.batch_sizes);
+
+  std::vector<T> w_ih_t(I * G4), w_hh_t(P * G4), w_hr_t(s.has_proj ? H * P : 0);
+  pack_transposed(G4, I, a.w_ih, perm, w_ih_t.data());
+  pack_transposed(G4, P, a.w_hh, perm, w_hh_t.data());
+  if (s.has_proj) transpose_copy(P, H, a.w_hr, H, w_hr_t.data(), P);
+
+  // Without a `gates` output (inference) the pre-activations live in a scratch buffer.
+  std::vector<T> scratch_gates(a.gates == nullptr ? s.rows * G4 : 0);
+  T* gates = a.gates != nullptr ? a.gates : scratch_gates.data();
+  std::vector<T> scratch_raw(s.has_proj && a.raw_hidden == nullptr ? s.rows * H : 0);
+  T* raw = s.has_proj ? (a.raw_hidden != nullptr ? a.raw_hidden : scratch_raw.data()) : nullptr;
+
+  // Input projection of every step at once, bias included.
+  if (s.has_bias) {
+    std::vector<T> bias(G4);
+    for (int64_t r = 0; r < G4; ++r) bias[perm[r]] = a.b_ih[r] + a.b_hh[r];
+    parallel_for(s.rows, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) std::memcpy(gates + row * G4, bias.data(), sizeof(T) * G4);
+    });
+  }
+  gemm_parallel(s.rows, G4, I, a.input, I, w_ih_t.data(), G4, gates, G4, s.has_bias);
+
+  std::vector<T> hidden_state(a.h0, a.h0 + s.batch * P);  // h_{t-1} of every row: the GEMM's left operand
+  std::memcpy(a.c_n, a.c0, sizeof(T) * s.batch * H);      // the cell state, updated in place
+  T* cell_state = a.c_n;
+  const int64_t blocks = columns.blocks();
+
+  for (int64_t step = 0; step < s.steps; ++step) {
+    const int64_t t = s.reverse ? s.steps - 1 - step : step;
+    const int64_t n = steps.batch[t], row0 = steps.offset[t];
+    if (step > 0) {  // rows that ran in the previous step take its output; others keep h0
+      const int64_t tp = s.reverse ? t + 1 : t - 1;
+      const int64_t m = std::min(n, steps.batch[tp]);
+      std::memcpy(hidden_state.data(), a.output + steps.offset[tp] * P, sizeof(T) * m * P);
+    }
+    T* gates_t = gates + row0 * G4;
+    T* cells_t = a.cells != nullptr ? a.cells + row0 * H : nullptr;
+    T* hidden_t = s.has_proj ? raw + row0 * H : a.output + row0 * P;
+    const int64_t ld_hidden = s.has_proj ? H : P;
+    parallel_for(blocks, grain_for(blocks, 2 * n * 4 * kUnitBlock * P), [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t base = columns.base(block), width = columns.width(block), unit0 = block * kUnitBlock;
+        gemm(n, 4 * width, P, hidden_state.data(), P, w_hh_t.data() + base, G4, gates_t + base, G4, true);
+        for (int64_t b = 0; b < n; ++b)
+          block_forward(gates_t + b * G4 + base, width, cell_state + b * H + unit0,
+                        cells_t != nullptr ? cells_t + b * H + unit0 : nullptr, hidden_t + b * ld_hidden + unit0);
+      }
+    });
+    if (s.has_proj) project_rows(n, H, P, hidden_t, w_hr_t.data(), a.output + row0 * P);
+  }
+
+  // h_n: each sequence's output at the last step it ran (step 0 for the reverse direction).
+  for (int64_t b = 0; b < s.batch; ++b) {
+    int64_t t_last = 0;
+    if (!s.reverse)
+      while (t_last + 1 < s.steps && steps.batch[t_last + 1] > b) ++t_last;
+    const T* src = s.steps > 0 ? a.output + (steps.offset[t_last] + b) * P : a.h0 + b * P;
+    std::memcpy(a.h_n + b * P, src, sizeof(T) * P);
+  }
+}
+
+template <typename T>
+void backward_impl(const LstmLayerBackwardArgs<T>& a) {
+  const LstmLayerSizes& s = a.sizes;
+  const int64_t H = s.hidden_size, P = s.output_size, I = s.input_size, G4 = 4 * H, N = s.rows;
+  const GateColumns columns{H};
+  const std::vector<int64_t> perm = columns.permutation();
+  const StepTable steps(s, a.batch_sizes);
+
+  std::vector<T> w_hh_p(G4 * P), w_ih_p(G4 * I);
+  permute_rows(G4, P, a.w_hh, perm, w_hh_p.data());
+  permute_rows(G4, I, a.w_ih, perm, w_ih_p.data());
+
+  // Running gradients of h_{t-1} and c_{t-1}; rows not yet reached hold grad_h_n / grad_c_n, and rows that
+  // are finished hold their gradients of h0 / c0.
+  T* grad_hidden = a.grad_h0;
+  T* grad_cell = a.grad_c0;
+  std::memcpy(grad_hidden, a.grad_h_n, sizeof(T) * s.batch * P);
+  std::memcpy(grad_cell, a.grad_c_n, sizeof(T) * s.batch * H);
+  std::vector<T> grad_out_all(s.has_proj ? N * P : 0);  // dL/dh_t of every row, for dW_hr
+  std::vector<T> grad_raw(s.has_proj ? s.batch * H : 0);
+  const int64_t blocks = columns.blocks();
+  constexpr int64_t kTile = 64;
+  const int64_t p_tiles = (P + kTile - 1) / kTile;
+
+  for (int64_t step = 0; step < s.steps; ++step) {
+    const int64_t t = s.reverse ? step : s.steps - 1 - step;
+    const int64_t n = steps.batch[t], row0 = steps.offset[t];
+    const int64_t tp = s.reverse ? t + 1 : t - 1;
+    const bool has_prev = tp >= 0 && tp < s.steps;
+    const int64_t n_prev = has_prev ? steps.batch[tp] : 0;
+
+    const T* grad_out_t = a.grad_output + row0 * P;
+    for (int64_t i = 0; i < n * P; ++i) grad_hidden[i] += grad_out_t[i];
+    const T* grad_cell_output = grad_hidden;  // dL/d(o * tanh(c)) of this step
+    int64_t ld_grad = P;
+    if (s.has_proj) {
+      std::memcpy(grad_out_all.data() + row0 * P, grad_hidden, sizeof(T) * n * P);
+      const int64_t h_tiles = (H + kTile - 1) / kTile;
+      parallel_for(h_tiles, grain_for(h_tiles, 2 * n * kTile * P), [&](int64_t begin, int64_t end) {
+        for (int64_t tile = begin; tile < end; ++tile) {
+          const int64_t h0 = tile * kTile, width = std::min(kTile, H - h0);
+          gemm(n, width, P, grad_hidden, P, a.w_hr + h0, H, grad_raw.data() + h0, H, false);
+        }
+      });
+      grad_cell_output = grad_raw.data();
+      ld_grad = H;
+    }
+
+    T* gates_t = a.gates + row0 * G4;
+    const T* cells_t = a.cells + row0 * H;
+    parallel_for(blocks, grain_for(blocks, 64 * n * kUnitBlock), [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t base = columns.base(block), width = columns.width(block), unit0 = block * kUnitBlock;
+        for (int64_t b = 0; b < n; ++b) {
+          const T* cell_prev = b < n_prev ? a.cells + (steps.offset[tp] + b) * H : a.c0 + b * H;
+          block_backward(gates_t + b * G4 + base, width, grad_cell_output + b * ld_grad + unit0,
+                         grad_cell + b * H + unit0, cells_t + b * H + unit0, cell_prev + unit0);
+        }
+      }
+    });
+    // dL/dh_{t-1} = dL/dgates_t W_hh, for the rows of this step.
+    parallel_for(p_tiles, grain_for(p_tiles, 2 * n * kTile * G4), [&](int64_t begin, int64_t end) {
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t p0 = tile * kTile, width = std::min(kTile, P - p0);
+        gemm(n, width, G4, gates_t, G4, w_hh_p.data() + p0, P, grad_hidden + p0, P, false);
+      }
+    });
+  }
+
+  // Gradients that sum over all steps, as large GEMMs.
+  const T* grad_gates = a.gates;
+  gemm_parallel(N, I, G4, grad_gates, G4, w_ih_p.data(), I, a.grad_input, I, false);
+
+  std::vector<T> left(std::max(I, P) * N), product(std::max(I, P) * G4);
+  transpose_copy(N, I, a.input, I, left.data(), N);
+  gemm_parallel(I, G4, N, left.data(), N, grad_gates, G4, product.data(), G4, false);
+  unpack_transposed(G4, I, product.data(), perm, a.grad_w_ih);
+
+  // The left operand of W_hh's gradient: h_{t-1} of every row (h0 where a sequence starts), transposed.
+  std::vector<T> hidden_prev(N * P);
+  for (int64_t t = 0; t < s.steps; ++t) {
+    const int64_t tp = s.reverse ? t + 1 : t - 1;
+    const int64_t n_prev = (tp >= 0 && tp < s.steps) ? steps.batch[tp] : 0;
+    const int64_t n = steps.batch[t], m = std::min(n, n_prev);
+    T* dst = hidden_prev.data() + steps.offset[t] * P;
+    if (m > 0) std::memcpy(dst, a.output + steps.offset[tp] * P, sizeof(T) * m * P);
+    if (n > m) std::memcpy(dst + m * P, a.h0 + m * P, sizeof(T) * (n - m) * P);
+  }
+  transpose_copy(N, P, hidden_prev.data(), P, left.data(), N);
+  gemm_parallel(P, G4, N, left.data(), N, grad_gates, G4, product.data(), G4, false);
+  unpack_transposed(G4, P, product.data(), perm, a.grad_w_hh);
+
+  if (a.grad_bias != nullptr) {
+    std::vector<T> sums(G4, T(0));
+    for (int64_t row = 0; row < N; ++row)
+      for (int64_t col = 0; col < G4; ++col) sums[col] += grad_gates[row * G4 + col];
+    for (int64_t r = 0; r < G4; ++r) a.grad_bias[r] = sums[perm[r]];
+  }
+  if (s.has_proj) {
+    transpose_copy(N, P, grad_out_all.data(), P, left.data(), N);
+    gemm_parallel(P, H, N, left.data(), N, a.raw_hidden, H, a.grad_w_hr, H, false);
+  }
+}
+
+}  // namespace
+
+void lstm_layer_forward(const LstmLayerForwardArgs<float>& args) { forward_impl(args); }
+void lstm_layer_forward(const LstmLayerForwardArgs<double>& args) { forward_impl(args); }
+void lstm_layer_backward(const LstmLayerBackwardArgs<float>& args) { backward_impl(args); }
+void lstm_layer_backward(const LstmLayerBackwardArgs<double>& args) { backward_impl(args); }
+
+}  // namespace fl::FL_ISA

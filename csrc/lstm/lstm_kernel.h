@@ -1,0 +1,83 @@
+// The fused LSTM layer kernels: one layer, one direction, the whole time loop. Torch-free: raw pointers to
+// contiguous row-major buffers and sizes, so the same entry points can be built per ISA (and mirrored in CUDA).
+//
+// A sequence is stored packed, as torch.nn.utils.rnn.PackedSequence stores it: the rows of step t are rows
+// [offset_t, offset_t + batch_sizes[t]) of an [N x features] matrix, batch sizes non-increasing. A padded
+// [T, B, *] input is the packed case with every batch size equal to B.
+#pragma once
+
+#include "common/isa.h"
+
+#include <cstdint>
+
+namespace fl {
+
+struct LstmLayerSizes {
+  int64_t steps = 0;        // T
+  int64_t batch = 0;        // B = batch_sizes[0]
+  int64_t rows = 0;         // N = sum of batch_sizes
+  int64_t input_size = 0;   // I
+  int64_t hidden_size = 0;  // H (cell state width)
+  int64_t output_size = 0;  // P = proj_size, or H without projection
+  bool reverse = false;     // run from the last step to the first
+  bool has_bias = false;
+  bool has_proj = false;
+};
+
+template <typename T>
+struct LstmLayerForwardArgs {
+  LstmLayerSizes sizes;
+  const int64_t* batch_sizes = nullptr;  // [T]
+  const T* input = nullptr;              // [N x I]
+  const T* h0 = nullptr;                 // [B x P]
+  const T* c0 = nullptr;                 // [B x H]
+  const T* w_ih = nullptr;               // [4H x I], torch's layout and gate order
+  const T* w_hh = nullptr;               // [4H x P]
+  const T* b_ih = nullptr;               // [4H] or null
+  const T* b_hh = nullptr;               // [4H] or null
+  const T* w_hr = nullptr;               // [P x H] or null
+  T* output = nullptr;                   // [N x P]
+  T* h_n = nullptr;                      // [B x P]
+  T* c_n = nullptr;                      // [B x H]
+  // Kept for the backward pass (null in inference): gate activations (in the kernel's own column order),
+  // cell states, and the cell outputs before the projection.
+  T* gates = nullptr;                    // [N x 4H]
+  T* cells = nullptr;                    // [N x H]
+  T* raw_hidden = nullptr;               // [N x H], only with a projection
+};
+
+template <typename T>
+struct LstmLayerBackwardArgs {
+  LstmLayerSizes sizes;
+  const int64_t* batch_sizes = nullptr;
+  const T* grad_output = nullptr;  // [N x P]
+  const T* grad_h_n = nullptr;     // [B x P]
+  const T* grad_c_n = nullptr;     // [B x H]
+  const T* input = nullptr;
+  const T* h0 = nullptr;
+  const T* c0 = nullptr;
+  const T* w_ih = nullptr;
+  const T* w_hh = nullptr;
+  const T* w_hr = nullptr;
+  const T* output = nullptr;       // the forward's output
+  T* gates = nullptr;              // the forward's saved gates; overwritten with gate gradients
+  const T* cells = nullptr;
+  const T* raw_hidden = nullptr;
+  T* grad_input = nullptr;         // [N x I]
+  T* grad_h0 = nullptr;            // [B x P]
+  T* grad_c0 = nullptr;            // [B x H]
+  T* grad_w_ih = nullptr;          // [4H x I]
+  T* grad_w_hh = nullptr;          // [4H x P]
+  T* grad_bias = nullptr;          // [4H] or null: the gradient of b_ih and of b_hh alike
+  T* grad_w_hr = nullptr;          // [P x H] or null
+};
+
+}  // namespace fl
+
+#define FL_LSTM_KERNEL_DECLS                                                     \
+  void lstm_layer_forward(const ::fl::LstmLayerForwardArgs<float>& args);        \
+  void lstm_layer_forward(const ::fl::LstmLayerForwardArgs<double>& args);       \
+  void lstm_layer_backward(const ::fl::LstmLayerBackwardArgs<float>& args);      \
+  void lstm_layer_backward(const ::fl::LstmLayerBackwardArgs<double>& args);
+
+FL_DECLARE_FOR_EACH_ISA(FL_LSTM_KERNEL_DECLS)

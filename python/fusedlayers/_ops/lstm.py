@@ -1,0 +1,77 @@
+"""Fake-tensor and autograd rules of the LSTM ops defined in csrc/lstm/lstm_ops.cpp."""
+
+import torch
+
+_layer = torch.ops.fusedlayers.lstm_layer
+_layer_backward = torch.ops.fusedlayers.lstm_layer_backward
+
+
+@torch.library.register_fake("fusedlayers::lstm_layer")
+def _lstm_layer_fake(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, train):
+    torch._check(input.dim() == 2, lambda: f"lstm_layer: input must have 2 dimensions, got {input.dim()}")
+    torch._check(w_ih.dim() == 2 and w_ih.shape[0] % 4 == 0,
+                 lambda: "lstm_layer: w_ih must have shape [4 * hidden_size, input_size]")
+    rows, hidden = input.shape[0], w_ih.shape[0] // 4
+    out = w_hr.shape[0] if w_hr is not None else hidden
+    batch = h0.shape[0]
+    kept = rows if train else 0
+    return (
+        input.new_empty(rows, out),
+        input.new_empty(batch, out),
+        input.new_empty(batch, hidden),
+        input.new_empty(kept, 4 * hidden),
+        input.new_empty(kept, hidden),
+        input.new_empty(kept if w_hr is not None else 0, hidden),
+    )
+
+
+@torch.library.register_fake("fusedlayers::lstm_layer_backward")
+def _lstm_layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr,
+                              has_bias, output, gates, cells, raw_hidden, reverse):
+    hidden = w_ih.shape[0] // 4
+    return (
+        torch.empty_like(input),
+        torch.empty_like(h0),
+        torch.empty_like(c0),
+        torch.empty_like(w_ih),
+        torch.empty_like(w_hh),
+        w_ih.new_empty(4 * hidden if has_bias else 0),
+        torch.empty_like(w_hr) if w_hr is not None else w_ih.new_empty(0, 0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, train = inputs
+    out, _, _, gates, cells, raw = output
+    ctx.save_for_backward(input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, raw)
+    ctx.has_bias = b_ih is not None
+    ctx.reverse = reverse
+    ctx.train = train
+    ctx.mark_non_differentiable(gates, cells, raw)
+
+
+def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells, _grad_raw):
+    input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, raw = ctx.saved_tensors
+    if not ctx.train:
+        raise RuntimeError("lstm_layer: call it with train=True to differentiate it (the forward kept no state)")
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
+    grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
+    gi, gh0, gc0, gw_ih, gw_hh, gb, gw_hr = _layer_backward(
+        grad_out, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, ctx.has_bias, out, gates,
+        cells, raw, ctx.reverse)
+    gb_ih = gb if ctx.has_bias else None
+    gb_hh = gb if ctx.has_bias else None
+    gw_hr = gw_hr if w_hr is not None else None
+    return gi, None, gh0, gc0, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr, None, None
+
+
+torch.library.register_autograd("fusedlayers::lstm_layer", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fusedlayers: the LSTM backward is not differentiable (no double backward)")
+
+
+torch.library.register_autograd(
+    "fusedlayers::lstm_layer_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None)

@@ -1,0 +1,44 @@
+"""`convert(model)`: swap the torch layers we replace for ours, in place, keeping their weights."""
+
+from __future__ import annotations
+
+import torch
+
+from . import nn as fnn
+
+
+def _lstm_from(m: torch.nn.LSTM) -> fnn.LSTM:
+    w = m.weight_ih_l0
+    new = fnn.LSTM(m.input_size, m.hidden_size, num_layers=m.num_layers, bias=m.bias, batch_first=m.batch_first,
+                   dropout=m.dropout, bidirectional=m.bidirectional, proj_size=m.proj_size, device=w.device,
+                   dtype=w.dtype)
+    new.load_state_dict(m.state_dict())
+    new.train(m.training)
+    return new
+
+
+def _lstm_cell_from(m: torch.nn.LSTMCell) -> fnn.LSTMCell:
+    w = m.weight_ih
+    new = fnn.LSTMCell(m.input_size, m.hidden_size, bias=m.bias, device=w.device, dtype=w.dtype)
+    new.load_state_dict(m.state_dict())
+    new.train(m.training)
+    return new
+
+
+# The exact torch class (not subclasses, whose forward may differ) -> a factory of our equivalent.
+_REPLACEMENTS = {
+    torch.nn.LSTM: _lstm_from,
+    torch.nn.LSTMCell: _lstm_cell_from,
+}
+
+
+def convert(model: torch.nn.Module) -> torch.nn.Module:
+    """Replaces, in place, every `torch.nn.LSTM` and `torch.nn.LSTMCell` inside `model` (and `model` itself) by
+    the fusedlayers equivalent with the same weights, and returns the model. Parameters are copied, so an
+    optimizer built before the conversion must be rebuilt."""
+    factory = _REPLACEMENTS.get(type(model))
+    if factory is not None:
+        return factory(model)
+    for name, child in model.named_children():
+        setattr(model, name, convert(child))
+    return model

@@ -1,0 +1,94 @@
+"""The fused LSTM as functions: one layer (`lstm_layer`), a whole stack (`lstm`, like torch's `_VF.lstm`) and one
+step (`lstm_cell`, like `torch._VF.lstm_cell`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_layer_op = torch.ops.fusedlayers.lstm_layer
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def lstm_layer(input: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+               b_ih: Tensor | None = None, b_hh: Tensor | None = None, w_hr: Tensor | None = None,
+               reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer in one direction over a packed sequence, with the whole time loop fused in C++.
+
+    input: [N, input_size], the rows of every step stacked as in a PackedSequence (step t has batch_sizes[t]
+    rows, non-increasing). h0: [B, proj_size or hidden_size], c0: [B, hidden_size]; weights in torch's layout
+    and gate order (i, f, g, o). Returns (output [N, proj_size or hidden_size], h_n, c_n), where h_n and c_n hold
+    each sequence's state after its own last step.
+    """
+    train = _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    output, h_n, c_n, *_ = _layer_op(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, train)
+    return output, h_n, c_n
+
+
+def _split_params(params, has_biases: bool, num_layers: int, num_directions: int):
+    per_layer = len(params) // (num_layers * num_directions)
+    expected = 2 + (2 if has_biases else 0)
+    if per_layer not in (expected, expected + 1):
+        raise ValueError(f"lstm: expected {expected} or {expected + 1} tensors per layer and direction, "
+                         f"got {len(params)} for {num_layers * num_directions} layer-directions")
+    groups = []
+    for k in range(num_layers * num_directions):
+        p = params[k * per_layer:(k + 1) * per_layer]
+        b_ih, b_hh = (p[2], p[3]) if has_biases else (None, None)
+        w_hr = p[-1] if per_layer == expected + 1 else None
+        groups.append((p[0], p[1], b_ih, b_hh, w_hr))
+    return groups
+
+
+def lstm_packed(data: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor, params, has_biases: bool,
+                num_layers: int, dropout: float, train: bool, bidirectional: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """A stack of LSTM layers over packed rows; see `lstm`. Returns (output rows, h_n, c_n)."""
+    num_directions = 2 if bidirectional else 1
+    groups = _split_params(params, has_biases, num_layers, num_directions)
+    layer_input = data
+    h_last, c_last = [], []
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(num_directions):
+            k = layer * num_directions + direction
+            w_ih, w_hh, b_ih, b_hh, w_hr = groups[k]
+            out, h_n, c_n = lstm_layer(layer_input, batch_sizes, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr,
+                                       reverse=direction == 1)
+            outputs.append(out)
+            h_last.append(h_n)
+            c_last.append(c_n)
+        layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=1)
+        if dropout > 0 and train and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, p=dropout, training=True)
+    return layer_input, torch.stack(h_last), torch.stack(c_last)
+
+
+def lstm(input: Tensor, hx: tuple[Tensor, Tensor], params, has_biases: bool, num_layers: int, dropout: float,
+         train: bool, bidirectional: bool, batch_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """A whole LSTM stack on a padded [T, B, I] (or [B, T, I] with batch_first) input, with the arguments of
+    torch's `_VF.lstm`: hx = (h0, c0) of shape [num_layers * num_directions, B, *], params = the flat weights
+    (w_ih, w_hh[, b_ih, b_hh][, w_hr] per layer and direction). Returns (output, h_n, c_n)."""
+    if batch_first:
+        input = input.transpose(0, 1)
+    steps, batch = input.shape[0], input.shape[1]
+    batch_sizes = torch.full((steps,), batch, dtype=torch.int64)
+    rows = input.contiguous().view(steps * batch, input.shape[2])
+    out, h_n, c_n = lstm_packed(rows, batch_sizes, hx[0], hx[1], params, has_biases, num_layers, dropout, train,
+                                bidirectional)
+    out = out.view(steps, batch, out.shape[-1])
+    if batch_first:
+        out = out.transpose(0, 1)
+    return out, h_n, c_n
+
+
+def lstm_cell(input: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
+              b_hh: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One fused LSTM step, as torch's `_VF.lstm_cell`: input [B, I], hx = (h [B, H], c [B, H]) -> (h', c')."""
+    batch = input.shape[0]
+    batch_sizes = torch.full((1,), batch, dtype=torch.int64)
+    h, _, c = lstm_layer(input, batch_sizes, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)
+    return h, c

@@ -1,0 +1,5 @@
+"""Drop-in replacements for torch.nn layers: same constructor arguments, parameter names and state_dict."""
+
+from .lstm import LSTM, LSTMCell
+
+__all__ = ["LSTM", "LSTMCell"]

@@ -1,0 +1,150 @@
+"""`LSTM` and `LSTMCell` with torch.nn's interface, running the fused kernels.
+
+`LSTM` derives from `torch.nn.RNNBase` (not `torch.nn.LSTM`, which torch.compile refuses to trace), so its
+parameters, `state_dict`, `flatten_parameters()` and repr are torch's own; `LSTMCell` derives from
+`torch.nn.LSTMCell`. Only `forward` is ours.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from .. import functional as FL
+
+
+def _permute(t: Tensor, permutation: Tensor | None) -> Tensor:
+    return t if permutation is None else t.index_select(1, permutation)
+
+
+class LSTM(torch.nn.RNNBase):
+    """Drop-in for `torch.nn.LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+    dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None)`: the same arguments, parameters
+    (`weight_ih_l0`, `weight_hh_l0`, `bias_ih_l0`, `bias_hh_l0`, `weight_hr_l0`, `..._reverse`), `state_dict`,
+    inputs (padded, batch_first, unbatched or PackedSequence) and outputs `(output, (h_n, c_n))`.
+
+    Each layer and direction runs its whole time loop in one fused C++ kernel; a PackedSequence costs work in
+    proportion to the sum of its lengths. Dtypes: float32, float64, bfloat16.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    def get_expected_cell_size(self, input: Tensor, batch_sizes: Tensor | None) -> tuple[int, int, int]:
+        batch = int(batch_sizes[0]) if batch_sizes is not None else input.size(0 if self.batch_first else 1)
+        return (self.num_layers * (2 if self.bidirectional else 1), batch, self.hidden_size)
+
+    def check_forward_args(self, input: Tensor, hidden: tuple[Tensor, Tensor], batch_sizes: Tensor | None):
+        self.check_input(input, batch_sizes)
+        self.check_hidden_size(hidden[0], self.get_expected_hidden_size(input, batch_sizes),
+                               "Expected hidden[0] size {}, got {}")
+        self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
+                               "Expected hidden[1] size {}, got {}")
+
+    def permute_hidden(self, hx: tuple[Tensor, Tensor], permutation: Tensor | None) -> tuple[Tensor, Tensor]:
+        return _permute(hx[0], permutation), _permute(hx[1], permutation)
+
+    def _zero_state(self, batch: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        h = torch.zeros(layers, batch, out_size, dtype=like.dtype, device=like.device)
+        c = torch.zeros(layers, batch, self.hidden_size, dtype=like.dtype, device=like.device)
+        return h, c
+
+    def _check_state_dims(self, hx, batched: bool) -> None:
+        want = 3 if batched else 2
+        if hx[0].dim() != want or hx[1].dim() != want:
+            kind = "batched 3-D" if batched else "unbatched 2-D"
+            raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got "
+                               f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+
+    def _check_state_dtypes(self, input: Tensor, hx: tuple[Tensor, Tensor]) -> None:
+        for name, t in (("hx", hx[0]), ("cx", hx[1])):
+            if t.dtype != input.dtype:
+                raise RuntimeError(f"LSTM: {name} dtype ({t.dtype}) does not match input dtype ({input.dtype})")
+            if t.device != input.device:
+                raise RuntimeError(f"LSTM: {name} is on {t.device} but input is on {input.device}")
+
+    def forward(self, input, hx=None):
+        self._update_flat_weights()
+        if isinstance(input, PackedSequence):
+            return self._forward_packed(input, hx)
+        if input.dim() not in (2, 3):
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        batched = input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not batched:
+            input = input.unsqueeze(batch_dim)
+        if hx is None:
+            hx = self._zero_state(input.size(batch_dim), input)
+        else:
+            self._check_state_dims(hx, batched)
+            if not batched:
+                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        self.check_forward_args(input, hx, None)
+        self._check_state_dtypes(input, hx)
+        if input.size(0 if not self.batch_first else 1) == 0:
+            raise RuntimeError("LSTM: Expected sequence length to be larger than 0 in RNN")
+        output, h_n, c_n = FL.lstm(input, hx, self._flat_weights, self.bias, self.num_layers,
+                                   float(self.dropout), self.training, self.bidirectional, self.batch_first)
+        if not batched:
+            return output.squeeze(batch_dim), (h_n.squeeze(1), c_n.squeeze(1))
+        return output, (h_n, c_n)
+
+    def _forward_packed(self, packed: PackedSequence, hx):
+        data, batch_sizes, sorted_indices, unsorted_indices = packed
+        if hx is None:
+            hx = self._zero_state(int(batch_sizes[0]), data)
+        else:
+            hx = self.permute_hidden(hx, sorted_indices)
+        self.check_forward_args(data, hx, batch_sizes)
+        self._check_state_dtypes(data, hx)
+        output, h_n, c_n = FL.lstm_packed(data, batch_sizes, hx[0], hx[1], self._flat_weights, self.bias,
+                                          self.num_layers, float(self.dropout), self.training, self.bidirectional)
+        out = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+        return out, self.permute_hidden((h_n, c_n), unsorted_indices)
+
+
+class LSTMCell(torch.nn.LSTMCell):
+    """Drop-in for `torch.nn.LSTMCell(input_size, hidden_size, bias=True, device=None, dtype=None)`: one fused
+    step, `forward(input, hx=None) -> (h_1, c_1)`, batched [B, I] or unbatched [I] input."""
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for k, state in enumerate(hx):
+                if state.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{k}] to be 1D or 2D, got {state.dim()}D instead")
+        batched = input.dim() == 2
+        if not batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            hx = (zeros, zeros)
+        elif not batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        self._check_cell_args(input, hx)
+        h, c = FL.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        if not batched:
+            return h.squeeze(0), c.squeeze(0)
+        return h, c
+
+    def _check_cell_args(self, input: Tensor, hx: tuple[Tensor, Tensor]) -> None:
+        # The checks (and messages) of torch's own LSTM cell.
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        for k, state in enumerate(hx):
+            if input.size(0) != state.size(0):
+                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{k} batch size "
+                                   f"{state.size(0)}")
+            if state.size(1) != self.hidden_size:
+                raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {state.size(1)}, expected "
+                                   f"{self.hidden_size}")
+            if state.dtype != input.dtype:
+                raise RuntimeError(f"LSTMCell: hx[{k}] dtype ({state.dtype}) does not match input dtype "
+                                   f"({input.dtype})")
+        if self.weight_ih.dtype != input.dtype:
+            raise RuntimeError(f"LSTMCell: input dtype ({input.dtype}) does not match weight dtype "
+                               f"({self.weight_ih.dtype})")
