@@ -20,7 +20,7 @@ namespace {
 // block shapes the kernels use while keeping a B panel (kTileK x kTileN) in L1/L2.
 constexpr int64_t kTileM = 64;
 constexpr int64_t kTileN = 64;
-constexpr int64_t kTileK = 512;
+constexpr int64_t kTileK = 256;
 
 template <typename T>
 void portable_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,

@@ -9,6 +9,7 @@
 #include "common/gemm.h"
 #include "common/parallel.h"
 #include "common/vec_math.h"
+#include "common/workspace.h"
 #include "lstm/lstm_math.h"
 
 #include <algorithm>
@@ -24,6 +25,9 @@ using at::vec::Vectorized;
 constexpr int64_t kUnitBlock = 16;
 // Below this many FLOPs a parallel phase runs on one thread: waking the other costs more than it saves.
 constexpr int64_t kMinFlopsPerThread = 1 << 19;
+// Rows of input projection computed ahead of the recurrence: large enough for an efficient GEMM, small enough
+// for its output to stay in L2/L3 until the steps consume it.
+constexpr int64_t kChunkRows = 512;
 
 // The column order of the gate matrix: hidden unit j of gate k lives at column(k, j).
 struct GateColumns {
@@ -65,6 +69,29 @@ void unpack_transposed(int64_t R, int64_t K, const T* src, const std::vector<int
       for (int64_t k0 = 0; k0 < K; k0 += kTile)
         for (int64_t r = r0; r < std::min(R, r0 + kTile); ++r)
           for (int64_t k = k0; k < std::min(K, k0 + kTile); ++k) dst[r * K + k] = src[k * R + perm[r]];
+  });
+}
+
+// A torch weight [4H x K] as the recurrent GEMM's right operand, one contiguous [K x 4 * width] panel per unit
+// block (a panel whose rows lie 4H apart would map to the same cache sets and thrash L1 and L2).
+template <typename T>
+void pack_block_panels(const GateColumns& columns, int64_t K, const T* src, T* dst) {
+  const int64_t H = columns.hidden;
+  constexpr int64_t kTileK = 16;  // a 16-row strip of the panel stays in L1 while its columns are filled
+  parallel_for(columns.blocks(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t width = columns.width(block), ld = 4 * width;
+      T* panel = dst + columns.base(block) * K;
+      for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+        const int64_t k1 = std::min(K, k0 + kTileK);
+        for (int64_t gate = 0; gate < 4; ++gate)
+          for (int64_t u = 0; u < width; ++u) {
+            const T* row = src + (gate * H + block * kUnitBlock + u) * K;
+            T* out = panel + gate * width + u;
+            for (int64_t k = k0; k < k1; ++k) out[k * ld] = row[k];
+          }
+      }
+    }
   });
 }
 
@@ -151,55 +178,72 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
   const GateColumns columns{H};
   const std::vector<int64_t> perm = columns.permutation();
   const StepTable steps(s, a.batch_sizes);
-
-  std::vector<T> w_ih_t(I * G4), w_hh_t(P * G4), w_hr_t(s.has_proj ? H * P : 0);
-  pack_transposed(G4, I, a.w_ih, perm, w_ih_t.data());
-  pack_transposed(G4, P, a.w_hh, perm, w_hh_t.data());
-  if (s.has_proj) transpose_copy(P, H, a.w_hr, H, w_hr_t.data(), P);
-
-  // Without a `gates` output (inference) the pre-activations live in a scratch buffer.
-  std::vector<T> scratch_gates(a.gates == nullptr ? s.rows * G4 : 0);
-  T* gates = a.gates != nullptr ? a.gates : scratch_gates.data();
-  std::vector<T> scratch_raw(s.has_proj && a.raw_hidden == nullptr ? s.rows * H : 0);
-  T* raw = s.has_proj ? (a.raw_hidden != nullptr ? a.raw_hidden : scratch_raw.data()) : nullptr;
-
-  // Input projection of every step at once, bias included.
-  if (s.has_bias) {
-    std::vector<T> bias(G4);
-    for (int64_t r = 0; r < G4; ++r) bias[perm[r]] = a.b_ih[r] + a.b_hh[r];
-    parallel_for(s.rows, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) std::memcpy(gates + row * G4, bias.data(), sizeof(T) * G4);
-    });
-  }
-  gemm_parallel(s.rows, G4, I, a.input, I, w_ih_t.data(), G4, gates, G4, s.has_bias);
-
-  std::vector<T> hidden_state(a.h0, a.h0 + s.batch * P);  // h_{t-1} of every row: the GEMM's left operand
-  std::memcpy(a.c_n, a.c0, sizeof(T) * s.batch * H);      // the cell state, updated in place
-  T* cell_state = a.c_n;
   const int64_t blocks = columns.blocks();
 
-  for (int64_t step = 0; step < s.steps; ++step) {
-    const int64_t t = s.reverse ? s.steps - 1 - step : step;
-    const int64_t n = steps.batch[t], row0 = steps.offset[t];
-    if (step > 0) {  // rows that ran in the previous step take its output; others keep h0
-      const int64_t tp = s.reverse ? t + 1 : t - 1;
-      const int64_t m = std::min(n, steps.batch[tp]);
-      std::memcpy(hidden_state.data(), a.output + steps.offset[tp] * P, sizeof(T) * m * P);
+  T* w_ih_t = workspace<T>(WorkspaceSlot::w_ih, I * G4);
+  T* w_hh_t = workspace<T>(WorkspaceSlot::w_hh, P * G4);
+  T* w_hr_t = s.has_proj ? workspace<T>(WorkspaceSlot::w_hr, H * P) : nullptr;
+  pack_block_panels(columns, I, a.w_ih, w_ih_t);
+  pack_block_panels(columns, P, a.w_hh, w_hh_t);
+  if (s.has_proj) transpose_copy(P, H, a.w_hr, H, w_hr_t, P);
+  std::vector<T> bias(s.has_bias ? G4 : 0);
+  for (int64_t r = 0; r < G4 && s.has_bias; ++r) bias[perm[r]] = a.b_ih[r] + a.b_hh[r];
+
+  // The input projection runs a chunk of steps at a time, so that its output is still in cache when the
+  // steps read it; in inference only one chunk of gates is ever stored.
+  const int64_t chunk_steps = std::max<int64_t>(1, kChunkRows / std::max<int64_t>(1, s.batch));
+  const int64_t chunk_rows_max = std::min(s.rows, chunk_steps * s.batch);
+  T* chunk_scratch = a.gates == nullptr ? workspace<T>(WorkspaceSlot::gates, chunk_rows_max * G4) : nullptr;
+  T* raw_scratch = s.has_proj && a.raw_hidden == nullptr ? workspace<T>(WorkspaceSlot::raw, s.batch * H) : nullptr;
+
+  T* hidden_state = workspace<T>(WorkspaceSlot::state_h, s.batch * P);  // h_{t-1}: the GEMM's left operand
+  std::memcpy(hidden_state, a.h0, sizeof(T) * s.batch * P);
+  std::memcpy(a.c_n, a.c0, sizeof(T) * s.batch * H);  // the cell state, updated in place
+  T* cell_state = a.c_n;
+
+  for (int64_t chunk0 = 0; chunk0 < s.steps; chunk0 += chunk_steps) {
+    const int64_t chunk1 = std::min(s.steps, chunk0 + chunk_steps);
+    // The time steps of this chunk form one contiguous range of rows, in either direction.
+    const int64_t t_lo = s.reverse ? s.steps - chunk1 : chunk0, t_hi = s.reverse ? s.steps - chunk0 : chunk1;
+    const int64_t row_lo = steps.offset[t_lo], chunk_rows = steps.offset[t_hi] - row_lo;
+    T* gates_chunk = a.gates != nullptr ? a.gates + row_lo * G4 : chunk_scratch;
+    if (s.has_bias) {
+      for (int64_t row = 0; row < chunk_rows; ++row)
+        std::memcpy(gates_chunk + row * G4, bias.data(), sizeof(T) * G4);
     }
-    T* gates_t = gates + row0 * G4;
-    T* cells_t = a.cells != nullptr ? a.cells + row0 * H : nullptr;
-    T* hidden_t = s.has_proj ? raw + row0 * H : a.output + row0 * P;
-    const int64_t ld_hidden = s.has_proj ? H : P;
-    parallel_for(blocks, grain_for(blocks, 2 * n * 4 * kUnitBlock * P), [&](int64_t begin, int64_t end) {
+    parallel_for(blocks, grain_for(blocks, 2 * chunk_rows * 4 * kUnitBlock * I), [&](int64_t begin, int64_t end) {
       for (int64_t block = begin; block < end; ++block) {
-        const int64_t base = columns.base(block), width = columns.width(block), unit0 = block * kUnitBlock;
-        gemm(n, 4 * width, P, hidden_state.data(), P, w_hh_t.data() + base, G4, gates_t + base, G4, true);
-        for (int64_t b = 0; b < n; ++b)
-          block_forward(gates_t + b * G4 + base, width, cell_state + b * H + unit0,
-                        cells_t != nullptr ? cells_t + b * H + unit0 : nullptr, hidden_t + b * ld_hidden + unit0);
+        const int64_t base = columns.base(block), width = columns.width(block);
+        gemm(chunk_rows, 4 * width, I, a.input + row_lo * I, I, w_ih_t + base * I, 4 * width, gates_chunk + base,
+             G4, s.has_bias);
       }
     });
-    if (s.has_proj) project_rows(n, H, P, hidden_t, w_hr_t.data(), a.output + row0 * P);
+
+    for (int64_t step = chunk0; step < chunk1; ++step) {
+      const int64_t t = s.reverse ? s.steps - 1 - step : step;
+      const int64_t n = steps.batch[t], row0 = steps.offset[t];
+      if (step > 0) {  // rows that ran in the previous step take its output; others keep h0
+        const int64_t tp = s.reverse ? t + 1 : t - 1;
+        const int64_t m = std::min(n, steps.batch[tp]);
+        std::memcpy(hidden_state, a.output + steps.offset[tp] * P, sizeof(T) * m * P);
+      }
+      T* gates_t = gates_chunk + (row0 - row_lo) * G4;
+      T* cells_t = a.cells != nullptr ? a.cells + row0 * H : nullptr;
+      T* raw_t = s.has_proj ? (a.raw_hidden != nullptr ? a.raw_hidden + row0 * H : raw_scratch) : nullptr;
+      T* hidden_t = s.has_proj ? raw_t : a.output + row0 * P;
+      const int64_t ld_hidden = s.has_proj ? H : P;
+      parallel_for(blocks, grain_for(blocks, 2 * n * 4 * kUnitBlock * P), [&](int64_t begin, int64_t end) {
+        for (int64_t block = begin; block < end; ++block) {
+          const int64_t base = columns.base(block), width = columns.width(block), unit0 = block * kUnitBlock;
+          gemm(n, 4 * width, P, hidden_state, P, w_hh_t + base * P, 4 * width, gates_t + base, G4, true);
+          for (int64_t b = 0; b < n; ++b)
+            block_forward(gates_t + b * G4 + base, width, cell_state + b * H + unit0,
+                          cells_t != nullptr ? cells_t + b * H + unit0 : nullptr,
+                          hidden_t + b * ld_hidden + unit0);
+        }
+      });
+      if (s.has_proj) project_rows(n, H, P, hidden_t, w_hr_t, a.output + row0 * P);
+    }
   }
 
   // h_n: each sequence's output at the last step it ran (step 0 for the reverse direction).
