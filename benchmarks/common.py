@@ -1,0 +1,57 @@
+"""What a benchmark case is, and how one is timed: the reference and ours in the same process, same inputs,
+timed by torch.utils.benchmark (median of blocked_autorange)."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.utils import benchmark
+
+
+@dataclass
+class Case:
+    family: str                 # "lstm", "gemm", ...
+    name: str                   # what is measured, e.g. "inference"
+    size: str                   # the sizes, e.g. "T=100 B=32 I=256 H=512"
+    flops: float                # useful floating-point operations of one call (0: not counted)
+    make: Callable[[], tuple[Callable[[], object], Callable[[], object]]]  # -> (reference, ours), inputs built
+    reference: str = "torch"    # what the reference is
+    dtype: str = "float32"
+    peak_kind: str = "fp32"     # which measured peak the GFLOP/s are compared with
+    goal: str = ""              # the issue's goal for this case, as text
+    grad: bool = False          # runs a backward pass (timed without torch.no_grad)
+    extra: dict = field(default_factory=dict)
+
+
+def time_call(fn: Callable[[], object], threads: int, min_run_time: float, grad: bool) -> float:
+    """Median seconds of one call of fn on `threads` threads."""
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    with torch.set_grad_enabled(grad):
+        fn()  # warm-up: JIT kernels, workspaces, lazy init
+        return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+            else:
+                name = platform.processor()
+        family = model = "?"
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu family"):
+                    family = line.split(":", 1)[1].strip()
+                elif line.startswith("model") and not line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                if family != "?" and model != "?":
+                    break
+        return f"{name} (family {family}, model {model})"
+    except OSError:
+        return platform.processor() or "unknown CPU"

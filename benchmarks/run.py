@@ -1,0 +1,136 @@
+"""The benchmark suite: every fused op against its reference layer, in one process, on this machine.
+
+    python -m benchmarks.run                          # every family, default sizes, 2 threads, float32
+    python -m benchmarks.run --family lstm --threads 1 2 --dtype float32 bfloat16 --sizes grid
+
+For each case it prints the reference's and our median time, the speed-up, our GFLOP/s and our share of the
+arithmetic peak measured here (an FMA loop on as many threads as the case uses), and writes
+<out>/results.json and <out>/speedup.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import sys
+
+import torch
+
+import fusedlayers
+
+from .common import Case, cpu_model, time_call
+
+FAMILIES = ["gemm", "lstm"]
+
+
+def measure_peaks(threads: list[int], dtypes: list[str], seconds: float) -> dict[str, float]:
+    peaks = {}
+    for n in threads:
+        peaks[f"fp32/{n}"] = fusedlayers._C.measure_peak_gflops("fp32", n, seconds)
+        if "bfloat16" in dtypes:
+            try:
+                peaks[f"bf16/{n}"] = fusedlayers._C.measure_peak_gflops("bf16", n, seconds)
+            except RuntimeError:
+                pass
+    return peaks
+
+
+def run_case(case: Case, threads: int, min_run_time: float, peaks: dict[str, float]) -> dict:
+    torch.manual_seed(0)
+    reference, ours = case.make()
+    ref_s = time_call(reference, threads, min_run_time, case.grad)
+    ours_s = time_call(ours, threads, min_run_time, case.grad)
+    peak = peaks.get(f"{case.peak_kind}/{threads}")
+    gflops = case.flops / ours_s / 1e9 if case.flops else None
+    ref_gflops = case.flops / ref_s / 1e9 if case.flops else None
+    return {
+        "family": case.family, "case": case.name, "size": case.size, "dtype": case.dtype, "threads": threads,
+        "reference": case.reference, "reference_ms": ref_s * 1e3, "ours_ms": ours_s * 1e3,
+        "speedup": ref_s / ours_s, "ours_gflops": gflops, "reference_gflops": ref_gflops,
+        "ours_pct_peak": 100 * gflops / peak if gflops and peak else None,
+        "reference_pct_peak": 100 * ref_gflops / peak if ref_gflops and peak else None,
+        "goal": case.goal,
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ["family", "case", "size", "dtype", "thr", "reference ms", "ours ms", "speed-up", "GFLOP/s",
+            "% peak", "ref % peak", "goal"]
+    lines = [head]
+    for r in rows:
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        lines.append([r["family"], r["case"], r["size"], r["dtype"], str(r["threads"]), fmt(r["reference_ms"], ".3f"),
+                      fmt(r["ours_ms"], ".3f"), fmt(r["speedup"], ".2f") + "x", fmt(r["ours_gflops"], ".0f"),
+                      fmt(r["ours_pct_peak"], ".0f"), fmt(r["reference_pct_peak"], ".0f"), r["goal"]])
+    widths = [max(len(row[k]) for row in lines) for k in range(len(head))]
+    out = []
+    for n, row in enumerate(lines):
+        out.append("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |")
+        if n == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def save_chart(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['family']}: {r['case']} {r['size']} {r['dtype']} {r['threads']}t" for r in rows]
+    values = [r["speedup"] for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.5))
+    colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
+    ax.barh(range(len(rows)), values, color=colors)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up over the reference (reference time / our time)")
+    ax.set_title("fusedlayers vs reference layers (median, same process)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", nargs="+", choices=FAMILIES, default=FAMILIES)
+    parser.add_argument("--sizes", choices=["quick", "default", "grid"], default="default")
+    parser.add_argument("--threads", nargs="+", type=int, default=[2])
+    parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32"])
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
+    parser.add_argument("--peak-seconds", type=float, default=2.0)
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args(argv)
+
+    from tqdm import tqdm
+
+    cases = []
+    for family in args.family:
+        module = importlib.import_module(f".bench_{family}", __package__)
+        for dtype in args.dtype:
+            cases.extend(module.cases(args.sizes, dtype))
+    peaks = measure_peaks(args.threads, args.dtype, args.peak_seconds)
+    header = (f"fusedlayers {fusedlayers.__version__} | torch {torch.__version__} | {cpu_model()} | "
+              f"ISA {fusedlayers._C.isa()} | GEMM {fusedlayers._C.gemm_backend()} | "
+              f"{datetime.date.today().isoformat()}\nmeasured peak GFLOP/s: "
+              + ", ".join(f"{k} threads: {v:.0f}" for k, v in peaks.items()))
+    rows = []
+    jobs = [(case, n) for case in cases for n in args.threads]
+    for case, n in tqdm(jobs, desc="benchmarks", unit="case", file=sys.stderr):
+        rows.append(run_case(case, n, args.min_run_time, peaks))
+    print(header)
+    print(format_table(rows))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"header": header, "peaks_gflops": peaks, "info": fusedlayers.info(), "rows": rows}, f, indent=1)
+    save_chart(rows, os.path.join(args.out, "speedup.png"))
+    print(f"wrote {args.out}/results.json and {args.out}/speedup.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
