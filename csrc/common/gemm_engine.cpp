@@ -19,8 +19,8 @@ namespace {
 // Tile sizes for the micro-kernel: measured by benchmarks/bench_gemm.py, these reach the FMA peak on the
 // block shapes the kernels use while keeping a B panel (kTileK x kTileN) in L1/L2.
 constexpr int64_t kTileM = 64;
-constexpr int64_t kTileN = 64;
-constexpr int64_t kTileK = 256;
+constexpr int64_t kTileN = 128;
+constexpr int64_t kTileK = 128;
 
 template <typename T>
 void portable_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,

@@ -22,7 +22,7 @@ namespace {
 
 using at::vec::Vectorized;
 
-constexpr int64_t kUnitBlock = 16;
+constexpr int64_t kUnitBlock = 32;
 // Below this many FLOPs a parallel phase runs on one thread: waking the other costs more than it saves.
 constexpr int64_t kMinFlopsPerThread = 1 << 19;
 // Rows of input projection computed ahead of the recurrence: large enough for an efficient GEMM, small enough
@@ -97,8 +97,25 @@ void pack_block_panels(const GateColumns& columns, int64_t K, const T* src, T* d
 
 // Rows of a torch weight [R x K] reordered into gate-column order: dst[perm[r]] = src[r].
 template <typename T>
-void permute_rows(int64_t R, int64_t K, const T* src, const std::vector<int64_t>& perm, T* dst) {
-  for (int64_t r = 0; r < R; ++r) std::memcpy(dst + perm[r] * K, src + r * K, sizeof(T) * K);
+void permute_rows(int64_t R, int64_t K, int64_t ld_dst, const T* src, const std::vector<int64_t>& perm, T* dst) {
+  for (int64_t r = 0; r < R; ++r) std::memcpy(dst + perm[r] * ld_dst, src + r * K, sizeof(T) * K);
+}
+
+// transpose_copy shared among threads by tiles of source columns (destination rows).
+template <typename T>
+void transpose_parallel(int64_t rows, int64_t cols, const T* src, int64_t ld_src, T* dst, int64_t ld_dst) {
+  constexpr int64_t kCols = 64;
+  parallel_for((cols + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
+    const int64_t c0 = begin * kCols, c1 = std::min(cols, end * kCols);
+    transpose_copy(rows, c1 - c0, src + c0, ld_src, dst + c0 * ld_dst, ld_dst);
+  });
+}
+
+// Row strides that are multiples of 512 bytes put every row of a GEMM panel in the same few cache sets
+// (L1 repeats every 4 KiB); one extra cache line per row spreads them.
+template <typename T>
+int64_t padded_stride(int64_t n) {
+  return (n * int64_t(sizeof(T))) % 512 == 0 ? n + 64 / int64_t(sizeof(T)) : n;
 }
 
 int64_t grain_for(int64_t items, int64_t flops_per_item) {
@@ -175,6 +192,7 @@ template <typename T>
 void forward_impl(const LstmLayerForwardArgs<T>& a) {
   const LstmLayerSizes& s = a.sizes;
   const int64_t H = s.hidden_size, P = s.output_size, I = s.input_size, G4 = 4 * H;
+  const int64_t LG = lstm_gates_stride(H, sizeof(T));
   const GateColumns columns{H};
   const std::vector<int64_t> perm = columns.permutation();
   const StepTable steps(s, a.batch_sizes);
@@ -193,7 +211,7 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
   // steps read it; in inference only one chunk of gates is ever stored.
   const int64_t chunk_steps = std::max<int64_t>(1, kChunkRows / std::max<int64_t>(1, s.batch));
   const int64_t chunk_rows_max = std::min(s.rows, chunk_steps * s.batch);
-  T* chunk_scratch = a.gates == nullptr ? workspace<T>(WorkspaceSlot::gates, chunk_rows_max * G4) : nullptr;
+  T* chunk_scratch = a.gates == nullptr ? workspace<T>(WorkspaceSlot::gates, chunk_rows_max * LG) : nullptr;
   T* raw_scratch = s.has_proj && a.raw_hidden == nullptr ? workspace<T>(WorkspaceSlot::raw, s.batch * H) : nullptr;
 
   T* hidden_state = workspace<T>(WorkspaceSlot::state_h, s.batch * P);  // h_{t-1}: the GEMM's left operand
@@ -206,16 +224,15 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
     // The time steps of this chunk form one contiguous range of rows, in either direction.
     const int64_t t_lo = s.reverse ? s.steps - chunk1 : chunk0, t_hi = s.reverse ? s.steps - chunk0 : chunk1;
     const int64_t row_lo = steps.offset[t_lo], chunk_rows = steps.offset[t_hi] - row_lo;
-    T* gates_chunk = a.gates != nullptr ? a.gates + row_lo * G4 : chunk_scratch;
-    if (s.has_bias) {
-      for (int64_t row = 0; row < chunk_rows; ++row)
-        std::memcpy(gates_chunk + row * G4, bias.data(), sizeof(T) * G4);
-    }
+    T* gates_chunk = a.gates != nullptr ? a.gates + row_lo * LG : chunk_scratch;
     parallel_for(blocks, grain_for(blocks, 2 * chunk_rows * 4 * kUnitBlock * I), [&](int64_t begin, int64_t end) {
       for (int64_t block = begin; block < end; ++block) {
         const int64_t base = columns.base(block), width = columns.width(block);
+        if (s.has_bias)
+          for (int64_t row = 0; row < chunk_rows; ++row)
+            std::memcpy(gates_chunk + row * LG + base, bias.data() + base, sizeof(T) * 4 * width);
         gemm(chunk_rows, 4 * width, I, a.input + row_lo * I, I, w_ih_t + base * I, 4 * width, gates_chunk + base,
-             G4, s.has_bias);
+             LG, s.has_bias);
       }
     });
 
@@ -227,7 +244,7 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
         const int64_t m = std::min(n, steps.batch[tp]);
         std::memcpy(hidden_state, a.output + steps.offset[tp] * P, sizeof(T) * m * P);
       }
-      T* gates_t = gates_chunk + (row0 - row_lo) * G4;
+      T* gates_t = gates_chunk + (row0 - row_lo) * LG;
       T* cells_t = a.cells != nullptr ? a.cells + row0 * H : nullptr;
       T* raw_t = s.has_proj ? (a.raw_hidden != nullptr ? a.raw_hidden + row0 * H : raw_scratch) : nullptr;
       T* hidden_t = s.has_proj ? raw_t : a.output + row0 * P;
@@ -235,9 +252,9 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
       parallel_for(blocks, grain_for(blocks, 2 * n * 4 * kUnitBlock * P), [&](int64_t begin, int64_t end) {
         for (int64_t block = begin; block < end; ++block) {
           const int64_t base = columns.base(block), width = columns.width(block), unit0 = block * kUnitBlock;
-          gemm(n, 4 * width, P, hidden_state, P, w_hh_t + base * P, 4 * width, gates_t + base, G4, true);
+          gemm(n, 4 * width, P, hidden_state, P, w_hh_t + base * P, 4 * width, gates_t + base, LG, true);
           for (int64_t b = 0; b < n; ++b)
-            block_forward(gates_t + b * G4 + base, width, cell_state + b * H + unit0,
+            block_forward(gates_t + b * LG + base, width, cell_state + b * H + unit0,
                           cells_t != nullptr ? cells_t + b * H + unit0 : nullptr,
                           hidden_t + b * ld_hidden + unit0);
         }
@@ -260,13 +277,15 @@ template <typename T>
 void backward_impl(const LstmLayerBackwardArgs<T>& a) {
   const LstmLayerSizes& s = a.sizes;
   const int64_t H = s.hidden_size, P = s.output_size, I = s.input_size, G4 = 4 * H, N = s.rows;
+  const int64_t LG = lstm_gates_stride(H, sizeof(T));
   const GateColumns columns{H};
   const std::vector<int64_t> perm = columns.permutation();
   const StepTable steps(s, a.batch_sizes);
 
-  std::vector<T> w_hh_p(G4 * P), w_ih_p(G4 * I);
-  permute_rows(G4, P, a.w_hh, perm, w_hh_p.data());
-  permute_rows(G4, I, a.w_ih, perm, w_ih_p.data());
+  const int64_t LP = padded_stride<T>(P), LI = padded_stride<T>(I);
+  std::vector<T> w_hh_p(G4 * LP), w_ih_p(G4 * LI);
+  permute_rows(G4, P, LP, a.w_hh, perm, w_hh_p.data());
+  permute_rows(G4, I, LI, a.w_ih, perm, w_ih_p.data());
 
   // Running gradients of h_{t-1} and c_{t-1}; rows not yet reached hold grad_h_n / grad_c_n, and rows that
   // are finished hold their gradients of h0 / c0.
@@ -304,14 +323,14 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
       ld_grad = H;
     }
 
-    T* gates_t = a.gates + row0 * G4;
+    T* gates_t = a.gates + row0 * LG;
     const T* cells_t = a.cells + row0 * H;
     parallel_for(blocks, grain_for(blocks, 64 * n * kUnitBlock), [&](int64_t begin, int64_t end) {
       for (int64_t block = begin; block < end; ++block) {
         const int64_t base = columns.base(block), width = columns.width(block), unit0 = block * kUnitBlock;
         for (int64_t b = 0; b < n; ++b) {
           const T* cell_prev = b < n_prev ? a.cells + (steps.offset[tp] + b) * H : a.c0 + b * H;
-          block_backward(gates_t + b * G4 + base, width, grad_cell_output + b * ld_grad + unit0,
+          block_backward(gates_t + b * LG + base, width, grad_cell_output + b * ld_grad + unit0,
                          grad_cell + b * H + unit0, cells_t + b * H + unit0, cell_prev + unit0);
         }
       }
@@ -320,42 +339,47 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
     parallel_for(p_tiles, grain_for(p_tiles, 2 * n * kTile * G4), [&](int64_t begin, int64_t end) {
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t p0 = tile * kTile, width = std::min(kTile, P - p0);
-        gemm(n, width, G4, gates_t, G4, w_hh_p.data() + p0, P, grad_hidden + p0, P, false);
+        gemm(n, width, G4, gates_t, LG, w_hh_p.data() + p0, LP, grad_hidden + p0, P, false);
       }
     });
   }
 
   // Gradients that sum over all steps, as large GEMMs.
   const T* grad_gates = a.gates;
-  gemm_parallel(N, I, G4, grad_gates, G4, w_ih_p.data(), I, a.grad_input, I, false);
+  gemm_parallel(N, I, G4, grad_gates, LG, w_ih_p.data(), LI, a.grad_input, I, false);
 
   std::vector<T> left(std::max(I, P) * N), product(std::max(I, P) * G4);
-  transpose_copy(N, I, a.input, I, left.data(), N);
-  gemm_parallel(I, G4, N, left.data(), N, grad_gates, G4, product.data(), G4, false);
+  transpose_parallel(N, I, a.input, I, left.data(), N);
+  gemm_parallel(I, G4, N, left.data(), N, grad_gates, LG, product.data(), G4, false);
   unpack_transposed(G4, I, product.data(), perm, a.grad_w_ih);
 
   // The left operand of W_hh's gradient: h_{t-1} of every row (h0 where a sequence starts), transposed.
-  std::vector<T> hidden_prev(N * P);
-  for (int64_t t = 0; t < s.steps; ++t) {
-    const int64_t tp = s.reverse ? t + 1 : t - 1;
-    const int64_t n_prev = (tp >= 0 && tp < s.steps) ? steps.batch[tp] : 0;
-    const int64_t n = steps.batch[t], m = std::min(n, n_prev);
-    T* dst = hidden_prev.data() + steps.offset[t] * P;
-    if (m > 0) std::memcpy(dst, a.output + steps.offset[tp] * P, sizeof(T) * m * P);
-    if (n > m) std::memcpy(dst + m * P, a.h0 + m * P, sizeof(T) * (n - m) * P);
-  }
-  transpose_copy(N, P, hidden_prev.data(), P, left.data(), N);
-  gemm_parallel(P, G4, N, left.data(), N, grad_gates, G4, product.data(), G4, false);
+  parallel_for(s.steps, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, s.batch * P)), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t tp = s.reverse ? t + 1 : t - 1;
+      const int64_t n_prev = (tp >= 0 && tp < s.steps) ? steps.batch[tp] : 0;
+      const int64_t n = steps.batch[t], m = std::min(n, n_prev);
+      if (m > 0) transpose_copy(m, P, a.output + steps.offset[tp] * P, P, left.data() + steps.offset[t], N);
+      if (n > m) transpose_copy(n - m, P, a.h0 + m * P, P, left.data() + steps.offset[t] + m, N);
+    }
+  });
+  gemm_parallel(P, G4, N, left.data(), N, grad_gates, LG, product.data(), G4, false);
   unpack_transposed(G4, P, product.data(), perm, a.grad_w_hh);
 
   if (a.grad_bias != nullptr) {
     std::vector<T> sums(G4, T(0));
-    for (int64_t row = 0; row < N; ++row)
-      for (int64_t col = 0; col < G4; ++col) sums[col] += grad_gates[row * G4 + col];
+    constexpr int64_t kCols = 256;
+    parallel_for((G4 + kCols - 1) / kCols, 1, [&](int64_t c0, int64_t c1) {
+      const int64_t lo = c0 * kCols, hi = std::min(G4, c1 * kCols);
+      for (int64_t row = 0; row < N; ++row) {
+        const T* g = grad_gates + row * LG;
+        for (int64_t col = lo; col < hi; ++col) sums[col] += g[col];
+      }
+    });
     for (int64_t r = 0; r < G4; ++r) a.grad_bias[r] = sums[perm[r]];
   }
   if (s.has_proj) {
-    transpose_copy(N, P, grad_out_all.data(), P, left.data(), N);
+    transpose_parallel(N, P, grad_out_all.data(), P, left.data(), N);
     gemm_parallel(P, H, N, left.data(), N, a.raw_hidden, H, a.grad_w_hr, H, false);
   }
 }

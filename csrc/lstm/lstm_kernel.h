@@ -12,6 +12,14 @@
 
 namespace fl {
 
+// Row stride of the gates buffer ([N x stride], 4H used): 4H, plus one cache line when a row is a multiple of
+// 512 bytes, so that the rows a GEMM reads together do not all map to the same cache sets.
+// python/fusedlayers/_ops/lstm.py repeats this rule for fake tensors.
+inline int64_t lstm_gates_stride(int64_t hidden, int64_t element_size) {
+  const int64_t n = 4 * hidden;
+  return (n * element_size) % 512 == 0 ? n + 64 / element_size : n;
+}
+
 struct LstmLayerSizes {
   int64_t steps = 0;        // T
   int64_t batch = 0;        // B = batch_sizes[0]
@@ -41,7 +49,7 @@ struct LstmLayerForwardArgs {
   T* c_n = nullptr;                      // [B x H]
   // Kept for the backward pass (null in inference): gate activations (in the kernel's own column order),
   // cell states, and the cell outputs before the projection.
-  T* gates = nullptr;                    // [N x 4H]
+  T* gates = nullptr;                    // [N x lstm_gates_stride(H)]
   T* cells = nullptr;                    // [N x H]
   T* raw_hidden = nullptr;               // [N x H], only with a projection
 };

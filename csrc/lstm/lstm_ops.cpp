@@ -115,7 +115,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
   Tensor output = at::empty({s.rows, s.output_size}, opts);
   Tensor h_n = at::empty({s.batch, s.output_size}, opts);
   Tensor c_n = at::empty({s.batch, s.hidden_size}, opts);
-  Tensor gates = at::empty({train ? s.rows : 0, 4 * s.hidden_size}, opts);
+  Tensor gates = at::empty({train ? s.rows : 0, lstm_gates_stride(s.hidden_size, input.element_size())}, opts);
   Tensor cells = at::empty({train ? s.rows : 0, s.hidden_size}, opts);
   Tensor raw = at::empty({train && s.has_proj ? s.rows : 0, s.hidden_size}, opts);
 
@@ -163,7 +163,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
                output = compute_view(output_.contiguous()), grad_output = compute_view(grad_output_.contiguous()),
                grad_h_n = compute_view(grad_h_n_.contiguous()), grad_c_n = compute_view(grad_c_n_.contiguous()),
                cells = cells_.contiguous(), raw = raw_.contiguous();
-  TORCH_CHECK(gates_.sizes() == at::IntArrayRef({s.rows, 4 * s.hidden_size}) &&
+  TORCH_CHECK(gates_.sizes() == at::IntArrayRef({s.rows, lstm_gates_stride(s.hidden_size, input.element_size())}) &&
                   cells.sizes() == at::IntArrayRef({s.rows, s.hidden_size}),
               "lstm_layer_backward: the saved gates and cells must come from lstm_layer(..., train=True)");
   TORCH_CHECK(grad_output.sizes() == output.sizes() && grad_h_n.sizes() == h0.sizes() && grad_c_n.sizes() == c0.sizes(),

@@ -6,6 +6,17 @@ _layer = torch.ops.fusedlayers.lstm_layer
 _layer_backward = torch.ops.fusedlayers.lstm_layer_backward
 
 
+def _gates_stride(hidden: int, element_size: int) -> int:
+    # The same rule as lstm_gates_stride in csrc/lstm/lstm_kernel.h: pad rows that are a multiple of 512 bytes.
+    n = 4 * hidden
+    return n + 64 // element_size if (n * element_size) % 512 == 0 else n
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bfloat16 layers keep their gates and cell states in float32.
+    return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
 @torch.library.register_fake("fusedlayers::lstm_layer")
 def _lstm_layer_fake(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, train):
     torch._check(input.dim() == 2, lambda: f"lstm_layer: input must have 2 dimensions, got {input.dim()}")
@@ -15,13 +26,15 @@ def _lstm_layer_fake(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, r
     out = w_hr.shape[0] if w_hr is not None else hidden
     batch = h0.shape[0]
     kept = rows if train else 0
+    state = _state_dtype(input.dtype)
+    width = _gates_stride(hidden, torch.empty((), dtype=state).element_size())
     return (
         input.new_empty(rows, out),
         input.new_empty(batch, out),
         input.new_empty(batch, hidden),
-        input.new_empty(kept, 4 * hidden),
-        input.new_empty(kept, hidden),
-        input.new_empty(kept if w_hr is not None else 0, hidden),
+        input.new_empty(kept, width, dtype=state),
+        input.new_empty(kept, hidden, dtype=state),
+        input.new_empty(kept if w_hr is not None else 0, hidden, dtype=state),
     )
 
 
