@@ -198,11 +198,19 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
   const StepTable steps(s, a.batch_sizes);
   const int64_t blocks = columns.blocks();
 
-  T* w_ih_t = workspace<T>(WorkspaceSlot::w_ih, I * G4);
-  T* w_hh_t = workspace<T>(WorkspaceSlot::w_hh, P * G4);
+  const T* w_ih_t = a.w_ih_packed;
+  const T* w_hh_t = a.w_hh_packed;
+  if (w_ih_t == nullptr) {
+    T* packed = workspace<T>(WorkspaceSlot::w_ih, I * G4);
+    pack_block_panels(columns, I, a.w_ih, packed);
+    w_ih_t = packed;
+  }
+  if (w_hh_t == nullptr) {
+    T* packed = workspace<T>(WorkspaceSlot::w_hh, P * G4);
+    pack_block_panels(columns, P, a.w_hh, packed);
+    w_hh_t = packed;
+  }
   T* w_hr_t = s.has_proj ? workspace<T>(WorkspaceSlot::w_hr, H * P) : nullptr;
-  pack_block_panels(columns, I, a.w_ih, w_ih_t);
-  pack_block_panels(columns, P, a.w_hh, w_hh_t);
   if (s.has_proj) transpose_copy(P, H, a.w_hr, H, w_hr_t, P);
   std::vector<T> bias(s.has_bias ? G4 : 0);
   for (int64_t r = 0; r < G4 && s.has_bias; ++r) bias[perm[r]] = a.b_ih[r] + a.b_hh[r];
@@ -386,6 +394,12 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
 
 }  // namespace
 
+void lstm_pack_weight(const float* w, int64_t hidden, int64_t cols, float* out) {
+  pack_block_panels(GateColumns{hidden}, cols, w, out);
+}
+void lstm_pack_weight(const double* w, int64_t hidden, int64_t cols, double* out) {
+  pack_block_panels(GateColumns{hidden}, cols, w, out);
+}
 void lstm_layer_forward(const LstmLayerForwardArgs<float>& args) { forward_impl(args); }
 void lstm_layer_forward(const LstmLayerForwardArgs<double>& args) { forward_impl(args); }
 void lstm_layer_backward(const LstmLayerBackwardArgs<float>& args) { backward_impl(args); }

@@ -44,6 +44,9 @@ struct LstmLayerForwardArgs {
   const T* b_ih = nullptr;               // [4H] or null
   const T* b_hh = nullptr;               // [4H] or null
   const T* w_hr = nullptr;               // [P x H] or null
+  // Optional: w_ih and w_hh already repacked by lstm_pack_weight (skips the repacking).
+  const T* w_ih_packed = nullptr;
+  const T* w_hh_packed = nullptr;
   T* output = nullptr;                   // [N x P]
   T* h_n = nullptr;                      // [B x P]
   T* c_n = nullptr;                      // [B x H]
@@ -83,6 +86,9 @@ struct LstmLayerBackwardArgs {
 }  // namespace fl
 
 #define FL_LSTM_KERNEL_DECLS                                                     \
+  /* Repacks a torch gate weight [4H x cols] into the kernel's GEMM panels (4H * cols elements). */ \
+  void lstm_pack_weight(const float* w, int64_t hidden, int64_t cols, float* out);  \
+  void lstm_pack_weight(const double* w, int64_t hidden, int64_t cols, double* out); \
   void lstm_layer_forward(const ::fl::LstmLayerForwardArgs<float>& args);        \
   void lstm_layer_forward(const ::fl::LstmLayerForwardArgs<double>& args);       \
   void lstm_layer_backward(const ::fl::LstmLayerBackwardArgs<float>& args);      \

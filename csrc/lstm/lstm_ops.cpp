@@ -2,6 +2,8 @@
 // Autograd and fake-tensor rules are registered in python/fusedlayers/_ops/lstm.py.
 #include "lstm/lstm_kernel.h"
 
+#include "common/derived_cache.h"
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -100,6 +102,18 @@ Tensor compute_view(const Tensor& t) {
   return t.defined() && t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t;
 }
 
+// A gate weight repacked into the kernel's GEMM panels, cached while the user's weight is unchanged.
+Tensor packed_gate_weight(const Tensor& user_weight, const Tensor& weight, int64_t hidden) {
+  const int64_t cols = weight.size(1);
+  return cached_derived(user_weight, "lstm_gate_panels", [&] {
+    Tensor out = at::empty({weight.numel()}, weight.options());
+    AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "lstm_pack_weight", [&] {
+      FL_DISPATCH_ISA(lstm_pack_weight, weight.data_ptr<scalar_t>(), hidden, cols, out.data_ptr<scalar_t>());
+    });
+    return out;
+  });
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
     const Tensor& input_, const Tensor& batch_sizes, const Tensor& h0_, const Tensor& c0_, const Tensor& w_ih_,
     const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_, const OptTensor& w_hr_, bool reverse,
@@ -118,6 +132,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
   Tensor gates = at::empty({train ? s.rows : 0, lstm_gates_stride(s.hidden_size, input.element_size())}, opts);
   Tensor cells = at::empty({train ? s.rows : 0, s.hidden_size}, opts);
   Tensor raw = at::empty({train && s.has_proj ? s.rows : 0, s.hidden_size}, opts);
+  const Tensor w_ih_packed = packed_gate_weight(w_ih_, w_ih, s.hidden_size);
+  const Tensor w_hh_packed = packed_gate_weight(w_hh_, w_hh, s.hidden_size);
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer", [&] {
     LstmLayerForwardArgs<scalar_t> a;
@@ -128,6 +144,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
     a.c0 = c0.data_ptr<scalar_t>();
     a.w_ih = w_ih.data_ptr<scalar_t>();
     a.w_hh = w_hh.data_ptr<scalar_t>();
+    a.w_ih_packed = w_ih_packed.data_ptr<scalar_t>();
+    a.w_hh_packed = w_hh_packed.data_ptr<scalar_t>();
     a.b_ih = b_ih.defined() ? b_ih.data_ptr<scalar_t>() : nullptr;
     a.b_hh = b_hh.defined() ? b_hh.data_ptr<scalar_t>() : nullptr;
     a.w_hr = w_hr.defined() ? w_hr.data_ptr<scalar_t>() : nullptr;

@@ -29,5 +29,6 @@ from . import _ops  # noqa: E402  (fake-tensor and autograd rules)
 from . import functional, nn  # noqa: E402
 from .convert import convert  # noqa: E402
 from ._info import info  # noqa: E402
+from ._info import clear_weight_cache, set_weight_cache_enabled  # noqa: E402
 
-__all__ = ["functional", "nn", "convert", "info", "__version__"]
+__all__ = ["functional", "nn", "convert", "info", "clear_weight_cache", "set_weight_cache_enabled", "__version__"]

@@ -15,4 +15,18 @@ def info() -> dict:
         "torch": torch.__version__,
         "built_with_torch": _C.built_with_torch(),
         "cuda_kernels_built": _C.cuda_built(),
+        "weight_cache": _C.weight_cache_enabled(),
     }
+
+
+def set_weight_cache_enabled(enabled: bool) -> None:
+    """Layers keep their weights repacked for the GEMM engine between calls (about one more copy of the
+    weights of the 32 most recently used layer-directions) and repack only when a weight changes: a new
+    version (any in-place change autograd tracks) or new bytes at sampled positions (catches rewrites through
+    `.data`). Disable this to save the memory, or if you edit single weight entries through `.data`."""
+    _C.set_weight_cache_enabled(bool(enabled))
+
+
+def clear_weight_cache() -> None:
+    """Drops every cached repacked weight."""
+    _C.clear_weight_cache()
