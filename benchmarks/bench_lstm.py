@@ -104,6 +104,8 @@ def cases(sizes: str, dtype: str) -> list[Case]:
         goal="<= 0.4x torch")
     add("LSTMCell step", "B=32 I=256 H=512", _lstm_flops(32, 256, 512), _cell(32, 256, 512, dt),
         goal=">= 75% of peak", reference="torch.nn.LSTMCell")
+    add("call overhead", "LSTMCell B=1 I=16 H=16", _lstm_flops(1, 16, 16), _cell(1, 16, 16, dt),
+        goal="per-call cost of the op path", reference="torch.nn.LSTMCell")
     lengths = _packed_lengths()
     add("packed, 2 layers bidir", "32 seqs, lengths 10..200, I=H=256",
         _lstm_flops(sum(lengths), 256, 256, layers=2, directions=2), _packed(lengths, 256, 256, dt),

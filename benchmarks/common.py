@@ -23,6 +23,7 @@ class Case:
     peak_kind: str = "fp32"     # which measured peak the GFLOP/s are compared with
     goal: str = ""              # the goal for this case, as text
     grad: bool = False          # runs a backward pass (timed without torch.no_grad)
+    threads: int | None = None  # fixed thread count (e.g. 1 for a GEMM block that one thread computes)
     extra: dict = field(default_factory=dict)
 
 

@@ -113,13 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f".bench_{family}", __package__)
         for dtype in args.dtype:
             cases.extend(module.cases(args.sizes, dtype))
-    peaks = measure_peaks(args.threads, args.dtype, args.peak_seconds)
+    jobs = [(case, n) for case in cases for n in sorted({case.threads or n for n in args.threads})]
+    peaks = measure_peaks(sorted({n for _, n in jobs}), args.dtype, args.peak_seconds)
     header = (f"fusedlayers {fusedlayers.__version__} | torch {torch.__version__} | {cpu_model()} | "
               f"ISA {fusedlayers._C.isa()} | GEMM {fusedlayers._C.gemm_backend()} | "
               f"{datetime.date.today().isoformat()}\nmeasured peak GFLOP/s: "
               + ", ".join(f"{k} threads: {v:.0f}" for k, v in peaks.items()))
     rows = []
-    jobs = [(case, n) for case in cases for n in args.threads]
     for case, n in tqdm(jobs, desc="benchmarks", unit="case", file=sys.stderr):
         rows.append(run_case(case, n, args.min_run_time, peaks))
     print(header)
