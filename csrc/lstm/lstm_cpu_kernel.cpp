@@ -290,9 +290,18 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
   const std::vector<int64_t> perm = columns.permutation();
   const StepTable steps(s, a.batch_sizes);
 
-  const int64_t LP = padded_stride<T>(P), LI = padded_stride<T>(I);
-  std::vector<T> w_hh_p(G4 * LP), w_ih_p(G4 * LI);
-  permute_rows(G4, P, LP, a.w_hh, perm, w_hh_p.data());
+  const int64_t LI = padded_stride<T>(I);
+  std::vector<T> w_hh_p(G4 * P), w_ih_p(G4 * LI);
+  // W_hh for dL/dh_{t-1} = dL/dgates_t W_hh: rows in gate-column order, cut into contiguous column panels.
+  constexpr int64_t kTile = 128;
+  const int64_t p_tiles = (P + kTile - 1) / kTile;
+  parallel_for(p_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t p0 = tile * kTile, width = std::min(kTile, P - p0);
+      T* panel = w_hh_p.data() + p0 * G4;
+      for (int64_t r = 0; r < G4; ++r) std::memcpy(panel + perm[r] * width, a.w_hh + r * P + p0, sizeof(T) * width);
+    }
+  });
   permute_rows(G4, I, LI, a.w_ih, perm, w_ih_p.data());
 
   // Running gradients of h_{t-1} and c_{t-1}; rows not yet reached hold grad_h_n / grad_c_n, and rows that
@@ -304,8 +313,6 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
   std::vector<T> grad_out_all(s.has_proj ? N * P : 0);  // dL/dh_t of every row, for dW_hr
   std::vector<T> grad_raw(s.has_proj ? s.batch * H : 0);
   const int64_t blocks = columns.blocks();
-  constexpr int64_t kTile = 64;
-  const int64_t p_tiles = (P + kTile - 1) / kTile;
 
   for (int64_t step = 0; step < s.steps; ++step) {
     const int64_t t = s.reverse ? step : s.steps - 1 - step;
@@ -347,7 +354,7 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
     parallel_for(p_tiles, grain_for(p_tiles, 2 * n * kTile * G4), [&](int64_t begin, int64_t end) {
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t p0 = tile * kTile, width = std::min(kTile, P - p0);
-        gemm(n, width, G4, gates_t, LG, w_hh_p.data() + p0, LP, grad_hidden + p0, P, false);
+        gemm(n, width, G4, gates_t, LG, w_hh_p.data() + p0 * G4, width, grad_hidden + p0, P, false);
       }
     });
   }

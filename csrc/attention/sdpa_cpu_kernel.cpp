@@ -1,0 +1,342 @@
+// CPU kernels of fused scaled-dot-product attention (see sdpa_kernel.h). Built once per ISA.
+//
+// Forward: one work item is one tile of queries of one head. It walks the key tiles its rows may attend to
+// (causal and banded masks skip the rest), computes the score tile with the GEMM engine, and folds it into
+// running row maxima, sums and outputs (the online softmax); the score matrix is never stored. The row
+// log-sum-exp is kept for the backward pass.
+//
+// Backward: one work item is one tile of keys (of one key/value head, for every query head that reads it). It
+// recomputes the probabilities tile by tile from the saved log-sum-exp and accumulates dK and dV for its keys;
+// dQ is accumulated into the output directly when a thread owns whole heads, or into per-thread buffers summed
+// at the end when there are fewer heads than threads (so both cores work even for one head).
+#include "attention/sdpa_kernel.h"
+
+#include "attention/attention_math.h"
+#include "common/gemm.h"
+#include "common/parallel.h"
+#include "common/vec_math.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace fl::FL_ISA {
+
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kQueryTile = 64;
+constexpr int64_t kKeyTile = 128;
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+struct HeadIndex {
+  int64_t batch, q_head, kv_head;
+};
+
+inline HeadIndex head_of(int64_t bh, const SdpaSizes& s) {
+  const int64_t b = bh / s.q_heads, h = bh % s.q_heads;
+  return {b, h, h / (s.q_heads / s.kv_heads)};
+}
+
+// Range of queries that may attend to some key in [j0, j1), from the structural masks.
+inline void queries_seeing(int64_t j0, int64_t j1, const SdpaSizes& s, const SdpaMasking& m, int64_t& i_lo,
+                           int64_t& i_hi) {
+  i_lo = 0;
+  i_hi = s.q_len - 1;
+  if (m.causal) i_lo = std::max(i_lo, j0);                        // key j is seen by queries i >= j
+  if (m.window_right >= 0) i_lo = std::max(i_lo, j0 - m.window_right);  // j <= i + right
+  if (m.window_left >= 0) i_hi = std::min(i_hi, j1 - 1 + m.window_left);  // j >= i - left
+}
+
+// Scales a score tile and applies every mask: scores[r, c] is query i0 + r against key j0 + c.
+template <typename T>
+void finish_scores(T* scores, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0, int64_t b,
+                   int64_t h, const SdpaSizes& s, const SdpaMasking& m, T scale) {
+  using V = Vectorized<T>;
+  const T* float_mask = static_cast<const T*>(m.float_mask);
+  const Strides4& ms = m.mask_strides;
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = scores + r * ld;
+    const int64_t i = i0 + r;
+    int64_t c = 0;
+    for (; c + V::size() <= cols; c += V::size()) (V::loadu(row + c) * V(scale)).store(row + c);
+    for (; c < cols; ++c) row[c] *= scale;
+    if (float_mask != nullptr) {
+      const T* mrow = float_mask + b * ms.batch + h * ms.head + i * ms.row + j0 * ms.col;
+      if (ms.col == 1) {
+        for (c = 0; c + V::size() <= cols; c += V::size())
+          (V::loadu(row + c) + V::loadu(mrow + c)).store(row + c);
+        for (; c < cols; ++c) row[c] += mrow[c];
+      } else {
+        for (c = 0; c < cols; ++c) row[c] += mrow[c * ms.col];
+      }
+    }
+    if (m.bool_mask != nullptr) {
+      const bool* mrow = m.bool_mask + b * ms.batch + h * ms.head + i * ms.row + j0 * ms.col;
+      for (c = 0; c < cols; ++c)
+        if (!mrow[c * ms.col]) row[c] = neg_inf<T>();
+    }
+    const KeyRange keys = allowed_keys(i, s.kv_len, m.causal, m.window_left, m.window_right);
+    const int64_t keep_from = std::clamp<int64_t>(keys.first - j0, 0, cols);
+    const int64_t keep_to = std::clamp<int64_t>(keys.last + 1 - j0, keep_from, cols);
+    std::fill(row, row + keep_from, neg_inf<T>());
+    std::fill(row + keep_to, row + cols, neg_inf<T>());
+  }
+}
+
+// dst[c * rows + r] = src[r * ld + c]: a small tile transposed for use as a GEMM operand.
+template <typename T>
+void transpose_tile(const T* src, int64_t ld, int64_t rows, int64_t cols, T* dst, int64_t ld_dst) {
+  transpose_copy(rows, cols, src, ld, dst, ld_dst);
+}
+
+template <typename T>
+T row_max(const T* row, int64_t n) {
+  using V = Vectorized<T>;
+  T best = neg_inf<T>();
+  int64_t c = 0;
+  if (n >= V::size()) {
+    V acc = V::loadu(row);
+    for (c = V::size(); c + V::size() <= n; c += V::size()) acc = at::vec::maximum(acc, V::loadu(row + c));
+    best = at::vec::vec_reduce_all<T>([](V& x, V& y) { return at::vec::maximum(x, y); }, acc);
+  }
+  for (; c < n; ++c) best = std::max(best, row[c]);
+  return best;
+}
+
+// row[c] = exp(row[c] - shift), returning the sum. shift must be finite.
+template <typename T>
+T exp_shifted(T* row, int64_t n, T shift) {
+  using V = Vectorized<T>;
+  V acc(T(0));
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) {
+    const V e = exp_(V::loadu(row + c) - V(shift));
+    e.store(row + c);
+    acc = acc + e;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](V& x, V& y) { return x + y; }, acc);
+  for (; c < n; ++c) {
+    row[c] = std::exp(row[c] - shift);
+    sum += row[c];
+  }
+  return sum;
+}
+
+// Multiplies probabilities by the dropout mask scaled by 1/(1-p): zero where dropped.
+template <typename T>
+void apply_dropout(T* row, int64_t n, const SdpaMasking& m, uint64_t first_index, T keep_scale,
+                   uint32_t threshold) {
+  for (int64_t c = 0; c < n; ++c)
+    row[c] = dropout_keep(m.seed, first_index + c, threshold) ? row[c] * keep_scale : T(0);
+}
+
+uint32_t dropout_threshold(double p) {
+  return static_cast<uint32_t>(std::min(p, 1.0) * double(1u << 24));
+}
+
+template <typename T>
+void forward_impl(const SdpaForwardArgs<T>& a) {
+  const SdpaSizes& s = a.sizes;
+  const SdpaMasking& m = a.masking;
+  const int64_t E = s.head_dim, Ev = s.v_dim, L = s.q_len, S = s.kv_len;
+  const int64_t q_tiles = (L + kQueryTile - 1) / kQueryTile;
+  const int64_t items = s.batch * s.q_heads * q_tiles;
+  const T scale = static_cast<T>(a.scale);
+  const bool dropout = m.dropout_p > 0;
+  const uint32_t threshold = dropout_threshold(m.dropout_p);
+  const T keep_scale = m.dropout_p < 1 ? T(1) / T(1 - m.dropout_p) : T(0);
+  const int64_t flops_per_item = 4 * kQueryTile * std::max<int64_t>(S, 1) * std::max(E, Ev);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / flops_per_item);
+
+  parallel_for(items, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> key_t(E * kKeyTile), scores(kQueryTile * kKeyTile), acc(kQueryTile * Ev);
+    std::vector<T> row_max_v(kQueryTile), row_sum(kQueryTile);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / q_tiles, i0 = (item % q_tiles) * kQueryTile;
+      const int64_t rows = std::min(kQueryTile, L - i0);
+      const HeadIndex hd = head_of(bh, s);
+      const T* q = a.q + hd.batch * a.q_strides.batch + hd.q_head * a.q_strides.head + i0 * a.q_strides.row;
+      const T* k = a.k + hd.batch * a.k_strides.batch + hd.kv_head * a.k_strides.head;
+      const T* v = a.v + hd.batch * a.v_strides.batch + hd.kv_head * a.v_strides.head;
+      std::fill(acc.begin(), acc.begin() + rows * Ev, T(0));
+      std::fill(row_max_v.begin(), row_max_v.end(), neg_inf<T>());
+      std::fill(row_sum.begin(), row_sum.end(), T(0));
+
+      // Key tiles that some row of this tile may attend to (the structural masks skip the others).
+      int64_t j_begin = S, j_end = 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const KeyRange keys = allowed_keys(i0 + r, S, m.causal, m.window_left, m.window_right);
+        if (keys.last < keys.first) continue;
+        j_begin = std::min(j_begin, keys.first);
+        j_end = std::max(j_end, keys.last + 1);
+      }
+      for (int64_t j0 = (j_begin / kKeyTile) * kKeyTile; j0 < j_end; j0 += kKeyTile) {
+        const int64_t cols = std::min(kKeyTile, S - j0);
+        transpose_tile(k + j0 * a.k_strides.row, a.k_strides.row, cols, E, key_t.data(), cols);
+        gemm(rows, cols, E, q, a.q_strides.row, key_t.data(), cols, scores.data(), kKeyTile, false);
+        finish_scores(scores.data(), kKeyTile, rows, cols, i0, j0, hd.batch, hd.q_head, s, m, scale);
+        for (int64_t r = 0; r < rows; ++r) {
+          T* p = scores.data() + r * kKeyTile;
+          const T new_max = std::max(row_max_v[r], row_max(p, cols));
+          if (new_max == neg_inf<T>()) {  // nothing attended yet: the row stays empty
+            std::fill(p, p + cols, T(0));
+            continue;
+          }
+          const T correction = std::exp(row_max_v[r] - new_max);  // 0 on the row's first live tile
+          row_sum[r] = row_sum[r] * correction + exp_shifted(p, cols, new_max);
+          row_max_v[r] = new_max;
+          if (correction != T(1)) {
+            T* o = acc.data() + r * Ev;
+            for (int64_t c = 0; c < Ev; ++c) o[c] *= correction;
+          }
+          if (dropout)
+            apply_dropout(p, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
+        }
+        gemm(rows, Ev, cols, scores.data(), kKeyTile, v + j0 * a.v_strides.row, a.v_strides.row, acc.data(), Ev,
+             true);
+      }
+      T* out = a.out + (bh * L + i0) * Ev;
+      T* lse = a.lse + bh * L + i0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool empty = row_sum[r] == T(0);
+        const T inv = empty ? T(0) : T(1) / row_sum[r];
+        for (int64_t c = 0; c < Ev; ++c) out[r * Ev + c] = acc[r * Ev + c] * inv;
+        lse[r] = empty ? neg_inf<T>() : row_max_v[r] + std::log(row_sum[r]);
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const SdpaBackwardArgs<T>& a) {
+  const SdpaSizes& s = a.sizes;
+  const SdpaMasking& m = a.masking;
+  const int64_t E = s.head_dim, Ev = s.v_dim, L = s.q_len, S = s.kv_len;
+  const int64_t group = s.q_heads / s.kv_heads;
+  const T scale = static_cast<T>(a.scale);
+  const bool dropout = m.dropout_p > 0;
+  const uint32_t threshold = dropout_threshold(m.dropout_p);
+  const T keep_scale = m.dropout_p < 1 ? T(1) / T(1 - m.dropout_p) : T(0);
+
+  // D_i = sum_c dO[i, c] * O[i, c]: the softmax backward's row term.
+  const int64_t total_rows = s.batch * s.q_heads * L;
+  std::vector<T> row_dot(total_rows);
+  parallel_for(total_rows, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      T acc = 0;
+      for (int64_t c = 0; c < Ev; ++c) acc += a.grad_out[row * Ev + c] * a.out[row * Ev + c];
+      row_dot[row] = acc;
+    }
+  });
+
+  const int64_t k_tiles = (S + kKeyTile - 1) / kKeyTile;
+  const int64_t heads = s.batch * s.kv_heads;
+  const int threads = num_threads();
+  // With enough heads each thread owns whole heads and writes dQ directly; otherwise key tiles are shared out
+  // and each thread accumulates dQ in a buffer of its own.
+  const bool split_keys = heads < 2 * threads && k_tiles > 1;
+  std::vector<T> private_dq(split_keys ? size_t(threads) * total_rows * E : 0, T(0));
+  if (!split_keys) std::fill(a.grad_q, a.grad_q + total_rows * E, T(0));
+  const int64_t items = split_keys ? heads * k_tiles : heads;
+
+  parallel_for(items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> key_t(E * kKeyTile), value_t(Ev * kKeyTile), probs(kQueryTile * kKeyTile),
+        dprobs(kQueryTile * kKeyTile), tile_t(kKeyTile * kQueryTile), dk(kKeyTile * E), dv(kKeyTile * Ev);
+    T* dq_base = split_keys ? private_dq.data() + size_t(thread_index()) * total_rows * E : a.grad_q;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t head = split_keys ? item / k_tiles : item;
+      const int64_t tile_begin = split_keys ? item % k_tiles : 0, tile_end = split_keys ? tile_begin + 1 : k_tiles;
+      const int64_t b = head / s.kv_heads, kvh = head % s.kv_heads;
+      const T* k = a.k + b * a.k_strides.batch + kvh * a.k_strides.head;
+      const T* v = a.v + b * a.v_strides.batch + kvh * a.v_strides.head;
+      for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+        const int64_t j0 = tile * kKeyTile, cols = std::min(kKeyTile, S - j0);
+        transpose_tile(k + j0 * a.k_strides.row, a.k_strides.row, cols, E, key_t.data(), cols);
+        transpose_tile(v + j0 * a.v_strides.row, a.v_strides.row, cols, Ev, value_t.data(), cols);
+        std::fill(dk.begin(), dk.end(), T(0));
+        std::fill(dv.begin(), dv.end(), T(0));
+        int64_t i_lo, i_hi;
+        queries_seeing(j0, j0 + cols, s, m, i_lo, i_hi);
+        for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+          const int64_t bh = b * s.q_heads + h;
+          const T* q_head = a.q + b * a.q_strides.batch + h * a.q_strides.head;
+          for (int64_t i0 = (std::max<int64_t>(i_lo, 0) / kQueryTile) * kQueryTile; i0 <= i_hi; i0 += kQueryTile) {
+            const int64_t rows = std::min(kQueryTile, L - i0);
+            const T* q = q_head + i0 * a.q_strides.row;
+            const T* grad_out = a.grad_out + (bh * L + i0) * Ev;
+            const T* lse = a.lse + bh * L + i0;
+            // P = exp(scores - lse), recomputed.
+            gemm(rows, cols, E, q, a.q_strides.row, key_t.data(), cols, probs.data(), kKeyTile, false);
+            finish_scores(probs.data(), kKeyTile, rows, cols, i0, j0, b, h, s, m, scale);
+            for (int64_t r = 0; r < rows; ++r) {
+              T* p = probs.data() + r * kKeyTile;
+              if (lse[r] == neg_inf<T>()) {
+                std::fill(p, p + cols, T(0));
+              } else {
+                exp_shifted(p, cols, lse[r]);
+              }
+            }
+            // dV += (P with dropout)^T dO
+            for (int64_t r = 0; r < rows; ++r) {
+              const T* p = probs.data() + r * kKeyTile;
+              T* pd = dprobs.data() + r * kKeyTile;
+              std::copy(p, p + cols, pd);
+              if (dropout)
+                apply_dropout(pd, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
+            }
+            transpose_tile(dprobs.data(), kKeyTile, rows, cols, tile_t.data(), rows);
+            gemm(cols, Ev, rows, tile_t.data(), rows, grad_out, Ev, dv.data(), Ev, true);
+            // dP = dO V^T (through the dropout mask), dS = P * (dP - D)
+            gemm(rows, cols, Ev, grad_out, Ev, value_t.data(), cols, dprobs.data(), kKeyTile, false);
+            for (int64_t r = 0; r < rows; ++r) {
+              const T* p = probs.data() + r * kKeyTile;
+              T* ds = dprobs.data() + r * kKeyTile;
+              if (dropout)
+                apply_dropout(ds, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
+              const T d = row_dot[bh * L + i0 + r];
+              for (int64_t c = 0; c < cols; ++c) ds[c] = p[c] * (ds[c] - d);
+              if (a.grad_mask != nullptr)
+                std::copy(ds, ds + cols, a.grad_mask + (bh * L + i0 + r) * S + j0);
+              for (int64_t c = 0; c < cols; ++c) ds[c] *= scale;
+            }
+            // dQ += dS K, dK += dS^T Q
+            gemm(rows, E, cols, dprobs.data(), kKeyTile, k + j0 * a.k_strides.row, a.k_strides.row,
+                 dq_base + (bh * L + i0) * E, E, true);
+            transpose_tile(dprobs.data(), kKeyTile, rows, cols, tile_t.data(), rows);
+            gemm(cols, E, rows, tile_t.data(), rows, q, a.q_strides.row, dk.data(), E, true);
+          }
+        }
+        T* grad_k = a.grad_k + (head * S + j0) * E;
+        T* grad_v = a.grad_v + (head * S + j0) * Ev;
+        std::copy(dk.begin(), dk.begin() + cols * E, grad_k);
+        std::copy(dv.begin(), dv.begin() + cols * Ev, grad_v);
+      }
+    }
+  });
+
+  if (split_keys) {
+    parallel_for(total_rows * E, 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t x = begin; x < end; ++x) {
+        T acc = 0;
+        for (int t = 0; t < threads; ++t) acc += private_dq[size_t(t) * total_rows * E + x];
+        a.grad_q[x] = acc;
+      }
+    });
+  }
+}
+
+}  // namespace
+
+void sdpa_forward(const SdpaForwardArgs<float>& args) { forward_impl(args); }
+void sdpa_forward(const SdpaForwardArgs<double>& args) { forward_impl(args); }
+void sdpa_backward(const SdpaBackwardArgs<float>& args) { backward_impl(args); }
+void sdpa_backward(const SdpaBackwardArgs<double>& args) { backward_impl(args); }
+
+}  // namespace fl::FL_ISA

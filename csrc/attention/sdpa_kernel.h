@@ -1,0 +1,73 @@
+// Fused scaled-dot-product attention kernels (flash style: tiles of queries against tiles of keys, an online
+// softmax, the scores never stored). Torch-free: raw pointers with element strides.
+//
+// Tensors are viewed as [batch, heads, length, features]. Queries have q_heads heads, keys and values
+// kv_heads (grouped-query attention: query head h reads key/value head h / (q_heads / kv_heads)).
+#pragma once
+
+#include "common/isa.h"
+
+#include <cstdint>
+
+namespace fl {
+
+struct Strides4 {
+  int64_t batch = 0, head = 0, row = 0, col = 1;
+};
+
+struct SdpaSizes {
+  int64_t batch = 0, q_heads = 0, kv_heads = 0, q_len = 0, kv_len = 0, head_dim = 0, v_dim = 0;
+};
+
+struct SdpaMasking {
+  bool causal = false;
+  int64_t window_left = -1, window_right = -1;  // -1: unbounded
+  // Optional user mask broadcast to [batch, q_heads, q_len, kv_len] through its strides (0 on broadcast dims):
+  // a bool mask (true = may attend) or an additive float mask in the compute type.
+  const bool* bool_mask = nullptr;
+  const void* float_mask = nullptr;
+  Strides4 mask_strides;
+  double dropout_p = 0.0;
+  uint64_t seed = 0;
+};
+
+template <typename T>
+struct SdpaForwardArgs {
+  SdpaSizes sizes;
+  SdpaMasking masking;
+  double scale = 1.0;
+  const T* q = nullptr;
+  const T* k = nullptr;
+  const T* v = nullptr;
+  Strides4 q_strides, k_strides, v_strides;  // col stride must be 1
+  T* out = nullptr;  // [batch, q_heads, q_len, v_dim], contiguous
+  T* lse = nullptr;  // [batch, q_heads, q_len]: log-sum-exp of each row's scores (-inf: row attends nothing)
+};
+
+template <typename T>
+struct SdpaBackwardArgs {
+  SdpaSizes sizes;
+  SdpaMasking masking;
+  double scale = 1.0;
+  const T* q = nullptr;
+  const T* k = nullptr;
+  const T* v = nullptr;
+  Strides4 q_strides, k_strides, v_strides;
+  const T* out = nullptr;       // contiguous, as the forward wrote it
+  const T* grad_out = nullptr;  // contiguous
+  const T* lse = nullptr;
+  T* grad_q = nullptr;     // [batch, q_heads, q_len, head_dim], contiguous
+  T* grad_k = nullptr;     // [batch, kv_heads, kv_len, head_dim], contiguous
+  T* grad_v = nullptr;     // [batch, kv_heads, kv_len, v_dim], contiguous
+  T* grad_mask = nullptr;  // optional [batch, q_heads, q_len, kv_len], contiguous: dL/d(float mask)
+};
+
+}  // namespace fl
+
+#define FL_SDPA_KERNEL_DECLS                                           \
+  void sdpa_forward(const ::fl::SdpaForwardArgs<float>& args);         \
+  void sdpa_forward(const ::fl::SdpaForwardArgs<double>& args);        \
+  void sdpa_backward(const ::fl::SdpaBackwardArgs<float>& args);       \
+  void sdpa_backward(const ::fl::SdpaBackwardArgs<double>& args);
+
+FL_DECLARE_FOR_EACH_ISA(FL_SDPA_KERNEL_DECLS)

@@ -1,0 +1,56 @@
+"""Fake-tensor and autograd rules of the attention ops defined in csrc/attention/sdpa_ops.cpp."""
+
+import torch
+
+_backward_op = torch.ops.fusedlayers.sdpa_backward
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+@torch.library.register_fake("fusedlayers::sdpa")
+def _sdpa_fake(query, key, value, attn_mask, dropout_p, is_causal, scale, window_left, window_right, seed):
+    torch._check(query.dim() == 4 and key.dim() == 4 and value.dim() == 4,
+                 lambda: "sdpa: query, key and value must be 4-D")
+    batch, heads, q_len, _ = query.shape
+    out = query.new_empty(batch, heads, q_len, value.shape[-1])
+    lse = query.new_empty(batch, heads, q_len, dtype=_compute_dtype(query.dtype))
+    return out, lse
+
+
+@torch.library.register_fake("fusedlayers::sdpa_backward")
+def _sdpa_backward_fake(grad_out, query, key, value, attn_mask, out, lse, dropout_p, is_causal, scale, window_left,
+                        window_right, seed, mask_grad):
+    wants_mask = mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool
+    grad_mask = (query.new_empty(query.shape[0], query.shape[1], query.shape[2], key.shape[2]) if wants_mask
+                 else query.new_empty(0))
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), grad_mask
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, dropout_p, is_causal, scale, window_left, window_right, seed = inputs
+    out, lse = output
+    ctx.mask_grad = attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad
+    ctx.save_for_backward(query, key, value, attn_mask, out, lse)
+    ctx.params = (dropout_p, is_causal, scale, window_left, window_right, seed)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    query, key, value, attn_mask, out, lse = ctx.saved_tensors
+    dropout_p, is_causal, scale, window_left, window_right, seed = ctx.params
+    gq, gk, gv, gmask = _backward_op(grad_out.contiguous(), query, key, value, attn_mask, out, lse, dropout_p,
+                                     is_causal, scale, window_left, window_right, seed, ctx.mask_grad)
+    return gq, gk, gv, (gmask if ctx.mask_grad else None), None, None, None, None, None, None
+
+
+torch.library.register_autograd("fusedlayers::sdpa", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fusedlayers: the attention backward is not differentiable (no double backward)")
+
+
+torch.library.register_autograd(
+    "fusedlayers::sdpa_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None)

@@ -1,0 +1,115 @@
+"""Fused scaled-dot-product attention with torch's signature and semantics."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_sdpa_op = torch.ops.fusedlayers.sdpa
+
+
+def _check_inputs(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float) -> None:
+    # The checks (exception types and messages) of torch.nn.functional.scaled_dot_product_attention.
+    if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
+        raise RuntimeError(
+            "Expected query, key, and value to all be  at least 2 dimensional, but got query.dim: "
+            f"{query.dim()} key.dim: {key.dim()} and value.dim: {value.dim()} instead.")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise RuntimeError(
+            "Expected query, key, and value to have the same dtype, but got query.dtype: "
+            f"{_short(query.dtype)} key.dtype: {_short(key.dtype)} and value.dtype: {_short(value.dtype)} instead.")
+    if not (query.device == key.device == value.device):
+        raise RuntimeError(
+            "Expected query, key, and value to have the same device type, but got query.device: "
+            f"{query.device} key.device: {key.device} and value.device: {value.device} instead.")
+    if not query.is_floating_point():
+        raise RuntimeError(f"expected scalar type Float but found {_short(query.dtype).capitalize()}")
+    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        raise RuntimeError(
+            "Expected attn_mask dtype to be bool or float or to match query dtype, but got attn_mask.dtype: "
+            f"{_short(attn_mask.dtype)} and  query.dtype: {_short(query.dtype)} instead.")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
+    if key.shape[-1] != query.shape[-1]:
+        raise RuntimeError(
+            f"scaled_dot_product_attention: key must have the query's embedding size {query.shape[-1]} "
+            f"(query {list(query.shape)}, key {list(key.shape)})")
+    if key.shape[-2] != value.shape[-2]:
+        raise RuntimeError(
+            f"scaled_dot_product_attention: key and value must have the same sequence length "
+            f"(key {list(key.shape)}, value {list(value.shape)})")
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "").replace("float32", "float").replace("float64", "double").replace(
+        "int32", "int").replace("int64", "long").replace("float16", "half")
+
+
+def _window_bounds(window) -> tuple[int, int]:
+    if window is None:
+        return -1, -1
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window must be a (left, right) pair of ints >= 0 or None, got {window!r}")
+    bounds = []
+    for side, bound in zip(("left", "right"), window):
+        if bound is None:
+            bounds.append(-1)
+        elif isinstance(bound, int) and bound >= 0:
+            bounds.append(bound)
+        else:
+            raise ValueError(f"window {side} bound must be an int >= 0 or None, got {bound!r}")
+    return bounds[0], bounds[1]
+
+
+def _as_batch_heads(t: Tensor, lead: tuple[int, ...], length: int, features: int) -> Tensor:
+    """Views t as [batch, heads, length, features], with batch = prod(lead[:-1]), heads = lead[-1]."""
+    t = t.expand(*lead, length, features)
+    if len(lead) == 0:
+        return t.reshape(1, 1, length, features)
+    return t.reshape(-1, lead[-1], length, features)
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False, *, window: tuple[int | None, int | None] | None = None
+                                 ) -> Tensor:
+    """Drop-in for `torch.nn.functional.scaled_dot_product_attention`, fused (the L x S score matrix is never
+    stored; causal and banded masks skip the tiles they exclude).
+
+    query (..., L, E), key (..., S, E), value (..., S, Ev), any number of leading dims broadcast as torch does.
+    attn_mask: bool (True = may attend) or additive float, broadcastable to (..., L, S); with is_causal both
+    apply. is_causal is aligned as torch aligns it (query i sees keys 0..i). enable_gqa: key/value may have
+    fewer heads (dim -3) than query, dividing them. dropout is drawn from torch's default generator.
+
+    window=(left, right): an extra keyword: query i sees only keys i-left .. i+right (None = unbounded), as in
+    Luong's local attention; tiles outside the band are skipped.
+
+    Differs from torch where torch returns NaN: a query row that may attend to no key returns zeros, and its
+    gradients are zero.
+    """
+    _check_inputs(query, key, value, attn_mask, dropout_p)
+    left, right = _window_bounds(window)
+    q_len, e = query.shape[-2], query.shape[-1]
+    s_len, ev = key.shape[-2], value.shape[-1]
+    if enable_gqa and query.dim() >= 3 and key.dim() >= 3:
+        hq, hk = query.shape[-3], key.shape[-3]
+        if hk == 0 or hq % hk != 0 or value.shape[-3] != hk:
+            raise RuntimeError("Number of heads in key and value must divide the number of heads in query")
+        batch_lead = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        q_lead, kv_lead = (*batch_lead, hq), (*batch_lead, hk)
+    else:
+        q_lead = kv_lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    q4 = _as_batch_heads(query, q_lead, q_len, e)
+    k4 = _as_batch_heads(key, kv_lead, s_len, e)
+    v4 = _as_batch_heads(value, kv_lead, s_len, ev)
+    mask4 = None
+    if attn_mask is not None:
+        mask4 = _as_batch_heads(attn_mask, q_lead, q_len, s_len)
+    scale_value = float(scale) if scale is not None else 1.0 / math.sqrt(e) if e > 0 else 1.0
+    seed = 0
+    if dropout_p > 0.0:
+        seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+    out, _ = _sdpa_op(q4, k4, v4, mask4, float(dropout_p), bool(is_causal), scale_value, left, right, seed)
+    return out.reshape(*q_lead, q_len, ev)
