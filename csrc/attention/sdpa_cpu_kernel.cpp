@@ -15,6 +15,7 @@
 #include "common/gemm.h"
 #include "common/parallel.h"
 #include "common/vec_math.h"
+#include "common/workspace.h"
 
 #include <algorithm>
 #include <cmath>
@@ -55,6 +56,7 @@ inline void queries_seeing(int64_t j0, int64_t j1, const SdpaSizes& s, const Sdp
 }
 
 // Scales a score tile and applies every mask: scores[r, c] is query i0 + r against key j0 + c.
+// scale == 1 skips the multiplication (the forward folds the scale into its copy of the queries).
 template <typename T>
 void finish_scores(T* scores, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0, int64_t b,
                    int64_t h, const SdpaSizes& s, const SdpaMasking& m, T scale) {
@@ -65,8 +67,10 @@ void finish_scores(T* scores, int64_t ld, int64_t rows, int64_t cols, int64_t i0
     T* row = scores + r * ld;
     const int64_t i = i0 + r;
     int64_t c = 0;
-    for (; c + V::size() <= cols; c += V::size()) (V::loadu(row + c) * V(scale)).store(row + c);
-    for (; c < cols; ++c) row[c] *= scale;
+    if (scale != T(1)) {
+      for (; c + V::size() <= cols; c += V::size()) (V::loadu(row + c) * V(scale)).store(row + c);
+      for (; c < cols; ++c) row[c] *= scale;
+    }
     if (float_mask != nullptr) {
       const T* mrow = float_mask + b * ms.batch + h * ms.head + i * ms.row + j0 * ms.col;
       if (ms.col == 1) {
@@ -155,15 +159,29 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
   const int64_t flops_per_item = 4 * kQueryTile * std::max<int64_t>(S, 1) * std::max(E, Ev);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / flops_per_item);
 
+  // Keys transposed once per head ([E x S], rows padded off 512-byte multiples), the right operand of Q K^T.
+  const int64_t ld_kt = (S * int64_t(sizeof(T))) % 512 == 0 ? S + 64 / int64_t(sizeof(T)) : S;
+  const int64_t kv_heads = s.batch * s.kv_heads;
+  T* keys_t = workspace<T>(WorkspaceSlot::left, kv_heads * E * ld_kt);
+  parallel_for(kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t head = begin; head < end; ++head) {
+      const int64_t b = head / s.kv_heads, kvh = head % s.kv_heads;
+      transpose_copy(S, E, a.k + b * a.k_strides.batch + kvh * a.k_strides.head, a.k_strides.row,
+                     keys_t + head * E * ld_kt, ld_kt);
+    }
+  });
+
   parallel_for(items, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> key_t(E * kKeyTile), scores(kQueryTile * kKeyTile), acc(kQueryTile * Ev);
+    std::vector<T> scores(kQueryTile * kKeyTile), acc(kQueryTile * Ev), q_scaled(kQueryTile * E);
     std::vector<T> row_max_v(kQueryTile), row_sum(kQueryTile);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / q_tiles, i0 = (item % q_tiles) * kQueryTile;
       const int64_t rows = std::min(kQueryTile, L - i0);
       const HeadIndex hd = head_of(bh, s);
-      const T* q = a.q + hd.batch * a.q_strides.batch + hd.q_head * a.q_strides.head + i0 * a.q_strides.row;
-      const T* k = a.k + hd.batch * a.k_strides.batch + hd.kv_head * a.k_strides.head;
+      const T* q_in = a.q + hd.batch * a.q_strides.batch + hd.q_head * a.q_strides.head + i0 * a.q_strides.row;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < E; ++c) q_scaled[r * E + c] = q_in[r * a.q_strides.row + c] * scale;
+      const T* k_t = keys_t + (hd.batch * s.kv_heads + hd.kv_head) * E * ld_kt;
       const T* v = a.v + hd.batch * a.v_strides.batch + hd.kv_head * a.v_strides.head;
       std::fill(acc.begin(), acc.begin() + rows * Ev, T(0));
       std::fill(row_max_v.begin(), row_max_v.end(), neg_inf<T>());
@@ -179,9 +197,8 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
       }
       for (int64_t j0 = (j_begin / kKeyTile) * kKeyTile; j0 < j_end; j0 += kKeyTile) {
         const int64_t cols = std::min(kKeyTile, S - j0);
-        transpose_tile(k + j0 * a.k_strides.row, a.k_strides.row, cols, E, key_t.data(), cols);
-        gemm(rows, cols, E, q, a.q_strides.row, key_t.data(), cols, scores.data(), kKeyTile, false);
-        finish_scores(scores.data(), kKeyTile, rows, cols, i0, j0, hd.batch, hd.q_head, s, m, scale);
+        gemm(rows, cols, E, q_scaled.data(), E, k_t + j0, ld_kt, scores.data(), kKeyTile, false);
+        finish_scores(scores.data(), kKeyTile, rows, cols, i0, j0, hd.batch, hd.q_head, s, m, T(1));
         for (int64_t r = 0; r < rows; ++r) {
           T* p = scores.data() + r * kKeyTile;
           const T new_max = std::max(row_max_v[r], row_max(p, cols));
