@@ -30,6 +30,9 @@ using at::vec::Vectorized;
 
 constexpr int64_t kQueryTile = 64;
 constexpr int64_t kKeyTile = 128;
+// Up to this many queries per head the forward takes the decoding path (GEMV-like, memory bound).
+constexpr int64_t kDecodeMaxQueries = 8;
+constexpr int64_t kDecodeBlock = 64;
 
 template <typename T>
 constexpr T neg_inf() {
@@ -146,7 +149,110 @@ uint32_t dropout_threshold(double p) {
 }
 
 template <typename T>
+T dot(const T* x, const T* y, int64_t n) {
+  using V = Vectorized<T>;
+  V acc(T(0));
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) acc = at::vec::fmadd(V::loadu(x + c), V::loadu(y + c), acc);
+  T sum = at::vec::vec_reduce_all<T>([](V& u, V& w) { return u + w; }, acc);
+  for (; c < n; ++c) sum += x[c] * y[c];
+  return sum;
+}
+
+// out[c] = out[c] * keep + weight * row[c]
+template <typename T>
+void scale_add(T* out, const T* row, int64_t n, T keep, T weight) {
+  using V = Vectorized<T>;
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size())
+    at::vec::fmadd(V(weight), V::loadu(row + c), V::loadu(out + c) * V(keep)).store(out + c);
+  for (; c < n; ++c) out[c] = out[c] * keep + weight * row[c];
+}
+
+// Few queries against many keys (decoding): memory bound, so no GEMM and no transposed copy of the keys;
+// the keys are split among threads when there are fewer heads than threads, and the partial softmaxes merged.
+template <typename T>
+void decode_impl(const SdpaForwardArgs<T>& a) {
+  const SdpaSizes& s = a.sizes;
+  const SdpaMasking& m = a.masking;
+  const int64_t E = s.head_dim, Ev = s.v_dim, L = s.q_len, S = s.kv_len;
+  const int64_t heads = s.batch * s.q_heads;
+  const int threads = num_threads();
+  const int64_t splits = heads >= 2 * threads ? 1 : std::max<int64_t>(1, std::min<int64_t>(
+      (2 * threads + heads - 1) / heads, (S + kDecodeBlock - 1) / kDecodeBlock));
+  const int64_t chunk = ((S + splits - 1) / splits + kDecodeBlock - 1) / kDecodeBlock * kDecodeBlock;
+  const T scale = static_cast<T>(a.scale);
+  const bool dropout = m.dropout_p > 0;
+  const uint32_t threshold = dropout_threshold(m.dropout_p);
+  const T keep_scale = m.dropout_p < 1 ? T(1) / T(1 - m.dropout_p) : T(0);
+  // Partial results of every (head, split, query): running max, sum, and unnormalised output.
+  std::vector<T> part_max(heads * splits * L, neg_inf<T>()), part_sum(heads * splits * L, T(0));
+  std::vector<T> part_out(heads * splits * L * Ev, T(0));
+
+  parallel_for(heads * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> q_scaled(E), scores(kDecodeBlock);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / splits, split = item % splits;
+      const HeadIndex hd = head_of(bh, s);
+      const T* k = a.k + hd.batch * a.k_strides.batch + hd.kv_head * a.k_strides.head;
+      const T* v = a.v + hd.batch * a.v_strides.batch + hd.kv_head * a.v_strides.head;
+      for (int64_t i = 0; i < L; ++i) {
+        const T* q = a.q + hd.batch * a.q_strides.batch + hd.q_head * a.q_strides.head + i * a.q_strides.row;
+        for (int64_t c = 0; c < E; ++c) q_scaled[c] = q[c] * scale;
+        const KeyRange keys = allowed_keys(i, S, m.causal, m.window_left, m.window_right);
+        const int64_t j_begin = std::max(split * chunk, keys.first);
+        const int64_t j_end = std::min({(split + 1) * chunk, keys.last + 1, S});
+        const int64_t slot = (bh * splits + split) * L + i;
+        T run_max = neg_inf<T>(), run_sum = 0;
+        T* out = part_out.data() + slot * Ev;
+        for (int64_t j0 = j_begin; j0 < j_end; j0 += kDecodeBlock) {
+          const int64_t cols = std::min(kDecodeBlock, j_end - j0);
+          for (int64_t c = 0; c < cols; ++c) scores[c] = dot(q_scaled.data(), k + (j0 + c) * a.k_strides.row, E);
+          finish_scores(scores.data(), kDecodeBlock, 1, cols, i, j0, hd.batch, hd.q_head, s, m, T(1));
+          const T new_max = std::max(run_max, row_max(scores.data(), cols));
+          if (new_max == neg_inf<T>()) continue;
+          const T correction = std::exp(run_max - new_max);
+          run_sum = run_sum * correction + exp_shifted(scores.data(), cols, new_max);
+          run_max = new_max;
+          if (dropout)
+            apply_dropout(scores.data(), cols, m, (uint64_t(bh) * L + i) * S + j0, keep_scale, threshold);
+          for (int64_t c = 0; c < cols; ++c) {
+            scale_add(out, v + (j0 + c) * a.v_strides.row, Ev, c == 0 ? correction : T(1), scores[c]);
+          }
+        }
+        part_max[slot] = run_max;
+        part_sum[slot] = run_sum;
+      }
+    }
+  });
+
+  parallel_for(heads * L, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t hr = begin; hr < end; ++hr) {
+      const int64_t bh = hr / L, i = hr % L;
+      T best = neg_inf<T>();
+      for (int64_t split = 0; split < splits; ++split) best = std::max(best, part_max[(bh * splits + split) * L + i]);
+      T* out = a.out + hr * Ev;
+      std::fill(out, out + Ev, T(0));
+      T total = 0;
+      if (best != neg_inf<T>()) {
+        for (int64_t split = 0; split < splits; ++split) {
+          const int64_t slot = (bh * splits + split) * L + i;
+          if (part_max[slot] == neg_inf<T>()) continue;
+          const T w = std::exp(part_max[slot] - best);
+          total += part_sum[slot] * w;
+          scale_add(out, part_out.data() + slot * Ev, Ev, T(1), w);
+        }
+      }
+      const T inv = total > T(0) ? T(1) / total : T(0);
+      for (int64_t c = 0; c < Ev; ++c) out[c] *= inv;
+      a.lse[hr] = total > T(0) ? best + std::log(total) : neg_inf<T>();
+    }
+  });
+}
+
+template <typename T>
 void forward_impl(const SdpaForwardArgs<T>& a) {
+  if (a.sizes.q_len <= kDecodeMaxQueries) return decode_impl(a);
   const SdpaSizes& s = a.sizes;
   const SdpaMasking& m = a.masking;
   const int64_t E = s.head_dim, Ev = s.v_dim, L = s.q_len, S = s.kv_len;

@@ -79,8 +79,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     stored; causal and banded masks skip the tiles they exclude).
 
     query (..., L, E), key (..., S, E), value (..., S, Ev), any number of leading dims broadcast as torch does.
-    attn_mask: bool (True = may attend) or additive float, broadcastable to (..., L, S); with is_causal both
-    apply. is_causal is aligned as torch aligns it (query i sees keys 0..i). enable_gqa: key/value may have
+    attn_mask: bool (True = may attend) or additive float, broadcastable to (..., L, S); giving it together
+    with is_causal is an error, as in torch's reference path. is_causal is aligned as torch aligns it (query i sees keys 0..i). enable_gqa: key/value may have
     fewer heads (dim -3) than query, dividing them. dropout is drawn from torch's default generator.
 
     window=(left, right): an extra keyword: query i sees only keys i-left .. i+right (None = unbounded), as in
@@ -90,6 +90,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     gradients are zero.
     """
     _check_inputs(query, key, value, attn_mask, dropout_p)
+    if attn_mask is not None and is_causal:
+        # torch's reference (math) path rejects this combination; its fused CPU path silently ANDs the two.
+        raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
     left, right = _window_bounds(window)
     q_len, e = query.shape[-2], query.shape[-1]
     s_len, ev = key.shape[-2], value.shape[-1]
