@@ -25,15 +25,26 @@ def _lstm_cell_from(m: torch.nn.LSTMCell) -> fnn.LSTMCell:
     return new
 
 
+def _mha_from(m: torch.nn.MultiheadAttention) -> fnn.MultiheadAttention:
+    w = m.out_proj.weight
+    new = fnn.MultiheadAttention(m.embed_dim, m.num_heads, dropout=m.dropout, bias=m.in_proj_bias is not None,
+                                 add_bias_kv=m.bias_k is not None, add_zero_attn=m.add_zero_attn, kdim=m.kdim,
+                                 vdim=m.vdim, batch_first=m.batch_first, device=w.device, dtype=w.dtype)
+    new.load_state_dict(m.state_dict())
+    new.train(m.training)
+    return new
+
+
 # The exact torch class (not subclasses, whose forward may differ) -> a factory of our equivalent.
 _REPLACEMENTS = {
     torch.nn.LSTM: _lstm_from,
     torch.nn.LSTMCell: _lstm_cell_from,
+    torch.nn.MultiheadAttention: _mha_from,
 }
 
 
 def convert(model: torch.nn.Module) -> torch.nn.Module:
-    """Replaces, in place, every `torch.nn.LSTM` and `torch.nn.LSTMCell` inside `model` (and `model` itself) by
+    """Replaces, in place, every `torch.nn.LSTM`, `torch.nn.LSTMCell` and `torch.nn.MultiheadAttention` inside `model` (and `model` itself) by
     the fusedlayers equivalent with the same weights, and returns the model. Parameters are copied, so an
     optimizer built before the conversion must be rebuilt."""
     factory = _REPLACEMENTS.get(type(model))

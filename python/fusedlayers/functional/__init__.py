@@ -2,5 +2,6 @@
 
 from .attention import scaled_dot_product_attention
 from .lstm import lstm, lstm_cell, lstm_layer, lstm_packed
+from .multihead import multi_head_attention_forward
 
-__all__ = ["lstm", "lstm_cell", "lstm_layer", "lstm_packed", "scaled_dot_product_attention"]
+__all__ = ["lstm", "lstm_cell", "lstm_layer", "lstm_packed", "multi_head_attention_forward", "scaled_dot_product_attention"]
