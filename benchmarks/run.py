@@ -23,7 +23,7 @@ import fusedlayers
 
 from .common import Case, cpu_model, time_call
 
-FAMILIES = ["gemm", "lstm"]
+FAMILIES = ["gemm", "lstm", "attention"]
 
 
 def measure_peaks(threads: list[int], dtypes: list[str], seconds: float) -> dict[str, float]:

@@ -1,0 +1,89 @@
+"""fusedlayers.functional.scaled_dot_product_attention and nn.MultiheadAttention against torch's, same inputs.
+
+FLOPs as the FlashAttention papers count them: forward 4*B*H*L*S*D, backward 2.5 times the forward, causal
+only the unmasked half."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import fusedlayers
+from fusedlayers.functional import scaled_dot_product_attention as fused_sdpa
+
+from .common import Case
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _sdpa_make(shape_q, shape_kv, dtype, causal=False, train=False, dropout=0.0):
+    def make():
+        q = torch.randn(*shape_q, dtype=dtype, requires_grad=train)
+        k = torch.randn(*shape_kv, dtype=dtype, requires_grad=train)
+        v = torch.randn(*shape_kv, dtype=dtype, requires_grad=train)
+
+        def call(fn):
+            if train:
+                return lambda: fn(q, k, v, is_causal=causal, dropout_p=dropout).sum().backward()
+            return lambda: fn(q, k, v, is_causal=causal, dropout_p=dropout)
+        return call(F.scaled_dot_product_attention), call(fused_sdpa)
+    return make
+
+
+def _mha_make(b, length, embed, heads, dtype):
+    def make():
+        ref = torch.nn.MultiheadAttention(embed, heads, batch_first=True).to(dtype)
+        ours = fusedlayers.nn.MultiheadAttention(embed, heads, batch_first=True).to(dtype)
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(b, length, embed, dtype=dtype)
+        return (lambda: ref(x, x, x, need_weights=False)), (lambda: ours(x, x, x, need_weights=False))
+    return make
+
+
+def _flops(b, h, lq, s, d, causal=False, train=False):
+    f = 4.0 * b * h * lq * s * d * (0.5 if causal else 1.0)
+    return f * 3.5 if train else f
+
+
+def cases(sizes: str, dtype: str) -> list[Case]:
+    dt = _DTYPES[dtype]
+    peak = "bf16" if dtype == "bfloat16" else "fp32"
+    out: list[Case] = []
+
+    def add(name, size, flops, make, goal="", grad=False, reference="F.scaled_dot_product_attention"):
+        out.append(Case("attention", name, size, flops, make, reference=reference, dtype=dtype, peak_kind=peak,
+                        goal=goal, grad=grad))
+
+    if sizes == "quick":
+        add("forward", "B=2 H=4 L=256 D=64", _flops(2, 4, 256, 256, 64),
+            _sdpa_make((2, 4, 256, 64), (2, 4, 256, 64), dt))
+        add("forward+backward", "B=2 H=4 L=256 D=64", _flops(2, 4, 256, 256, 64, train=True),
+            _sdpa_make((2, 4, 256, 64), (2, 4, 256, 64), dt, train=True), grad=True)
+        return out
+
+    bf16 = dtype == "bfloat16"
+    add("forward", "B=8 H=8 L=512 D=64", _flops(8, 8, 512, 512, 64), _sdpa_make((8, 8, 512, 64), (8, 8, 512, 64), dt),
+        goal=">= 70% of bf16 peak" if bf16 else ">= 75% of peak")
+    add("forward", "B=8 H=8 L=512 D=128", _flops(8, 8, 512, 512, 128),
+        _sdpa_make((8, 8, 512, 128), (8, 8, 512, 128), dt), goal="" if bf16 else ">= 75% of peak")
+    add("forward causal", "B=2 H=8 L=2048 D=64", _flops(2, 8, 2048, 2048, 64, causal=True),
+        _sdpa_make((2, 8, 2048, 64), (2, 8, 2048, 64), dt, causal=True), goal="" if bf16 else ">= 75% of peak")
+    add("forward+backward", "B=8 H=8 L=512 D=64", _flops(8, 8, 512, 512, 64, train=True),
+        _sdpa_make((8, 8, 512, 64), (8, 8, 512, 64), dt, train=True), goal="" if bf16 else ">= 70% of peak",
+        grad=True)
+    add("forward+backward", "B=1 H=1 L=4096 D=64", _flops(1, 1, 4096, 4096, 64, train=True),
+        _sdpa_make((1, 1, 4096, 64), (1, 1, 4096, 64), dt, train=True), goal="" if bf16 else ">= 70% of peak",
+        grad=True)
+    add("forward (short)", "B=32 H=8 L=128 D=64", _flops(32, 8, 128, 128, 64),
+        _sdpa_make((32, 8, 128, 64), (32, 8, 128, 64), dt), goal="" if bf16 else ">= 60% of peak")
+    add("forward dropout 0.1", "B=2 H=8 L=2048 D=64", _flops(2, 8, 2048, 2048, 64),
+        _sdpa_make((2, 8, 2048, 64), (2, 8, 2048, 64), dt, dropout=0.1), goal="<= 1.2x ours without dropout")
+    add("forward no dropout", "B=2 H=8 L=2048 D=64", _flops(2, 8, 2048, 2048, 64),
+        _sdpa_make((2, 8, 2048, 64), (2, 8, 2048, 64), dt))
+    add("forward 5-D", "(2, 4, 8, 512, 64)", _flops(8, 8, 512, 512, 64),
+        _sdpa_make((2, 4, 8, 512, 64), (2, 4, 8, 512, 64), dt), goal="within 5% of the 4-D case")
+    add("decoding", "B=1 H=8 L=1 S=16384 D=64", _flops(1, 8, 1, 16384, 64),
+        _sdpa_make((1, 8, 1, 64), (1, 8, 16384, 64), dt), goal=">= 80% of read bandwidth")
+    add("MultiheadAttention", "B=16 L=256 E=512 8 heads", 2 * 16 * 256 * 512 * 512 * 4 + _flops(16, 8, 256, 256, 64),
+        _mha_make(16, 256, 512, 8, dt), goal=">= 80% of peak", reference="nn.MultiheadAttention")
+    return out
