@@ -1,7 +1,7 @@
 """Multi-head attention forward on the fused scaled-dot-product attention.
 
-Argument handling (shape checks, mask canonicalisation, in-projections) reuses torch's own helpers from
-torch.nn.functional, so that shapes, errors and mask semantics are torch's; the attention itself is ours.
+Argument handling (shape checks, mask canonicalisation) reuses torch's own helpers from torch.nn.functional, so
+that shapes, errors and mask semantics are torch's; the projections (GEMM engine) and the attention are ours.
 """
 
 from __future__ import annotations
@@ -11,6 +11,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import scaled_dot_product_attention
+from .linear import linear
+
+
+def _in_projection_packed(q: Tensor, k: Tensor, v: Tensor, w: Tensor, b: Tensor | None):
+    """q, k, v projections by one packed [3E, E] weight, sharing one GEMM where the inputs are the same tensor."""
+    e = q.size(-1)
+    if k is v:
+        if q is k:  # self-attention: one product, split into views
+            proj = linear(q, w, b)
+            return proj[..., :e], proj[..., e:2 * e], proj[..., 2 * e:]
+        w_q, w_kv = w.split([e, 2 * e])
+        b_q, b_kv = (None, None) if b is None else b.split([e, 2 * e])
+        kv = linear(k, w_kv, b_kv)
+        return linear(q, w_q, b_q), kv[..., :e], kv[..., e:]
+    w_q, w_k, w_v = w.chunk(3)
+    b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
+    return linear(q, w_q, b_q), linear(k, w_k, b_k), linear(v, w_v, b_v)
 
 
 def multi_head_attention_forward(query: Tensor, key: Tensor, value: Tensor, embed_dim_to_check: int,
@@ -64,7 +81,7 @@ def multi_head_attention_forward(query: Tensor, key: Tensor, value: Tensor, embe
     if not use_separate_proj_weight:
         if key.shape != value.shape:
             raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
-        q, k, v = F._in_projection_packed(query, key, value, in_proj_weight, in_proj_bias)
+        q, k, v = _in_projection_packed(query, key, value, in_proj_weight, in_proj_bias)
     else:
         if key.shape[:2] != value.shape[:2]:
             raise AssertionError(f"key's sequence and batch dims {key.shape[:2]} do not match value's "
@@ -72,7 +89,7 @@ def multi_head_attention_forward(query: Tensor, key: Tensor, value: Tensor, embe
         b_q = b_k = b_v = None
         if in_proj_bias is not None:
             b_q, b_k, b_v = in_proj_bias.chunk(3)
-        q, k, v = F._in_projection(query, key, value, q_proj_weight, k_proj_weight, v_proj_weight, b_q, b_k, b_v)
+        q, k, v = linear(query, q_proj_weight, b_q), linear(key, k_proj_weight, b_k), linear(value, v_proj_weight, b_v)
 
     if attn_mask is not None:
         expected = (tgt_len, src_len) if attn_mask.dim() == 2 else (bsz * num_heads, tgt_len, src_len)
@@ -121,7 +138,7 @@ def multi_head_attention_forward(query: Tensor, key: Tensor, value: Tensor, embe
 
     out = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
     out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
-    out = F.linear(out, out_proj_weight, out_proj_bias).view(tgt_len, bsz, -1)
+    out = linear(out, out_proj_weight, out_proj_bias).view(tgt_len, bsz, -1)
     if not batched:
         out = out.squeeze(1)
     return out, None

@@ -1,0 +1,37 @@
+"""Fake-tensor and autograd rules of fusedlayers::linear (csrc/common/linear_ops.cpp)."""
+
+import torch
+
+
+@torch.library.register_fake("fusedlayers::linear")
+def _linear_fake(input, weight, bias):
+    torch._check(input.shape[-1] == weight.shape[1], lambda: "linear: input's last dim must equal in_features")
+    return input.new_empty(*input.shape[:-1], weight.shape[0])
+
+
+@torch.library.register_fake("fusedlayers::linear_backward")
+def _linear_backward_fake(grad_out, input, weight, bias_grad):
+    return torch.empty_like(input), torch.empty_like(weight), weight.new_empty(weight.shape[0] if bias_grad else 0)
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    input, weight = ctx.saved_tensors
+    gi, gw, gb = torch.ops.fusedlayers.linear_backward(grad_out, input, weight, ctx.has_bias)
+    return gi, gw, gb if ctx.has_bias else None
+
+
+torch.library.register_autograd("fusedlayers::linear", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fusedlayers: the linear backward is not differentiable (no double backward)")
+
+
+torch.library.register_autograd(
+    "fusedlayers::linear_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
