@@ -3,6 +3,7 @@
 #include "common/gemm.h"
 
 #include "common/parallel.h"
+#include "common/small_gemm_kernel.h"
 
 #include <ATen/Config.h>
 #include <ATen/native/CPUBlas.h>
@@ -98,6 +99,10 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
     return;
   }
+  if (M <= kSmallGemmRows) {
+    FL_DISPATCH_ISA(small_rows_gemm, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+    return;
+  }
   if (!use_brgemm_f32()) return portable_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
   for (int64_t n0 = 0; n0 < N; n0 += kTileN) {
     const int64_t nb = std::min(kTileN, N - n0);
@@ -115,6 +120,10 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
 void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb,
           double* C, int64_t ldc, bool accumulate) {
   if (M <= 0 || N <= 0) return;
+  if (M <= kSmallGemmRows && K > 0) {
+    FL_DISPATCH_ISA(small_rows_gemm, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+    return;
+  }
   portable_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
