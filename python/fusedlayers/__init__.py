@@ -26,9 +26,9 @@ _check_torch_version()
 
 from . import _C  # noqa: E402  (registers the ops)
 from . import _ops  # noqa: E402  (fake-tensor and autograd rules)
-from . import functional, nn  # noqa: E402
+from . import flows, functional, nn  # noqa: E402
 from .convert import convert  # noqa: E402
 from ._info import info  # noqa: E402
 from ._info import clear_weight_cache, set_weight_cache_enabled  # noqa: E402
 
-__all__ = ["functional", "nn", "convert", "info", "clear_weight_cache", "set_weight_cache_enabled", "__version__"]
+__all__ = ["flows", "functional", "nn", "convert", "info", "clear_weight_cache", "set_weight_cache_enabled", "__version__"]
