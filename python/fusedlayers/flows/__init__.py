@@ -2,6 +2,7 @@
 instead of D, permutations, composition, and Flow."""
 
 from .autoregressive import IAF, MaskedAffineAutoregressiveTransform, from_nflows
+from .coupling import AffineCouplingTransform, alternating_mask, checkerboard_mask
 from .base import CompositeTransform, InputOutsideDomain, InverseNotAvailable, InverseTransform, Transform
 from .distributions import StandardNormal
 from .flow import Flow
@@ -9,7 +10,7 @@ from .made import MADE
 from .permutations import Permutation, RandomPermutation, ReversePermutation
 
 __all__ = [
-    "CompositeTransform", "Flow", "IAF", "InputOutsideDomain", "InverseNotAvailable", "InverseTransform", "MADE",
+    "AffineCouplingTransform", "alternating_mask", "checkerboard_mask", "CompositeTransform", "Flow", "IAF", "InputOutsideDomain", "InverseNotAvailable", "InverseTransform", "MADE",
     "MaskedAffineAutoregressiveTransform", "Permutation", "RandomPermutation", "ReversePermutation",
     "StandardNormal", "Transform", "from_nflows",
 ]

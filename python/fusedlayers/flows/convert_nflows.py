@@ -6,6 +6,7 @@ from torch import nn
 
 from .autoregressive import MaskedAffineAutoregressiveTransform
 from .base import CompositeTransform, InverseTransform
+from .coupling import AffineCouplingTransform
 from .distributions import StandardNormal
 from .flow import Flow
 from .permutations import Permutation
@@ -35,6 +36,16 @@ def convert(module: nn.Module) -> nn.Module:
     name = type(module).__name__
     if name == "MaskedAffineAutoregressiveTransform":
         return _maf(module)
+    if name == "AffineCouplingTransform":
+        ours = AffineCouplingTransform.__new__(AffineCouplingTransform)
+        nn.Module.__init__(ours)
+        ours.features = module.features
+        ours.register_buffer("identity_features", module.identity_features.clone())
+        ours.register_buffer("transform_features", module.transform_features.clone())
+        ours.transform_net = module.transform_net  # the conditioner is any user module: shared, not copied
+        ours.unconditional_transform = (None if module.unconditional_transform is None
+                                        else convert(module.unconditional_transform))
+        return ours
     if name == "CompositeTransform":
         return CompositeTransform([convert(t) for t in module._transforms])
     if name == "InverseTransform":

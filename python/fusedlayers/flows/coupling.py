@@ -1,0 +1,93 @@
+"""Affine coupling (Real NVP, Dinh et al. 2017) with nflows' interface and conventions: features with
+mask > 0 are transformed by scale and shift computed from the others; both directions cost one network pass."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .base import Transform
+
+
+def alternating_mask(features: int, even: bool = True) -> Tensor:
+    """1 on every other feature (starting at 0 if `even`), the usual 1-D Real NVP split."""
+    mask = torch.zeros(features, dtype=torch.long)
+    mask[0 if even else 1::2] = 1
+    return mask
+
+
+def checkerboard_mask(height: int, width: int, even: bool = True) -> Tensor:
+    """A flattened height x width checkerboard, for images flattened to vectors."""
+    rows = torch.arange(height)[:, None]
+    cols = torch.arange(width)[None, :]
+    return (((rows + cols) % 2 == 0) == even).long().flatten()
+
+
+class AffineCouplingTransform(Transform):
+    """Drop-in for `nflows.transforms.AffineCouplingTransform(mask, transform_net_create_fn,
+    unconditional_transform=None)`: transform_net_create_fn(in_features, out_features) builds the conditioner,
+    called as net(identity_features, context); it returns shift (first half) and unconstrained scale
+    (second half); scale = sigmoid(unconstrained + 2) + 1e-3."""
+
+    def __init__(self, mask, transform_net_create_fn: Callable[[int, int], nn.Module],
+                 unconditional_transform: Callable | None = None):
+        mask = torch.as_tensor(mask)
+        if mask.dim() != 1:
+            raise ValueError("Mask must be a 1-dim tensor.")
+        if mask.numel() <= 0:
+            raise ValueError("Mask can't be empty.")
+        super().__init__()
+        self.features = len(mask)
+        index = torch.arange(self.features)
+        self.register_buffer("identity_features", index.masked_select(mask <= 0))
+        self.register_buffer("transform_features", index.masked_select(mask > 0))
+        self.transform_net = transform_net_create_fn(self.num_identity_features, self.num_transform_features * 2)
+        self.unconditional_transform = (None if unconditional_transform is None
+                                        else unconditional_transform(features=self.num_identity_features))
+
+    @property
+    def num_identity_features(self) -> int:
+        return len(self.identity_features)
+
+    @property
+    def num_transform_features(self) -> int:
+        return len(self.transform_features)
+
+    def _check(self, inputs: Tensor) -> None:
+        if inputs.dim() not in (2, 4):
+            raise ValueError("Inputs must be a 2D or a 4D tensor.")
+        if inputs.shape[1] != self.features:
+            raise ValueError(f"Expected features = {self.features}, got {inputs.shape[1]}.")
+
+    def _scale_and_shift(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        n = self.num_transform_features
+        return torch.sigmoid(params[:, n:, ...] + 2) + 1e-3, params[:, :n, ...]
+
+    def _apply(self, inputs: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+        self._check(inputs)
+        identity = inputs[:, self.identity_features, ...]
+        moving = inputs[:, self.transform_features, ...]
+        logabsdet = inputs.new_zeros(inputs.shape[0])
+        if self.unconditional_transform is not None and inverse:
+            identity, logabsdet = self.unconditional_transform.inverse(identity, context)
+        scale, shift = self._scale_and_shift(self.transform_net(identity, context))
+        log_scale = torch.log(scale).flatten(1).sum(dim=1)
+        if inverse:
+            moving, logabsdet = (moving - shift) / scale, logabsdet - log_scale
+        else:
+            moving, logabsdet = moving * scale + shift, logabsdet + log_scale
+            if self.unconditional_transform is not None:
+                identity, extra = self.unconditional_transform(identity, context)
+                logabsdet = logabsdet + extra
+        outputs = torch.empty_like(inputs)
+        outputs[:, self.identity_features, ...] = identity
+        outputs[:, self.transform_features, ...] = moving
+        return outputs, logabsdet
+
+    def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._apply(inputs, context, inverse=False)
+
+    def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._apply(inputs, context, inverse=True)
