@@ -23,7 +23,7 @@ import fusedlayers
 
 from .common import Case, cpu_model, time_call
 
-FAMILIES = ["gemm", "lstm", "attention"]
+FAMILIES = ["gemm", "lstm", "attention", "flows"]
 
 
 def measure_peaks(threads: list[int], dtypes: list[str], seconds: float) -> dict[str, float]:
