@@ -370,9 +370,13 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
   const int64_t items = split_keys ? heads * k_tiles : heads;
 
   parallel_for(items, 1, [&](int64_t begin, int64_t end) {
+    // Per tile pair everything is a GEMM on untransposed tiles: dV^T += dO^T P and dK^T += Q^T dS use the
+    // queries and output gradients transposed once per head (q_t, grad_out_t), not a transpose per tile.
     std::vector<T> key_t(E * kKeyTile), value_t(Ev * kKeyTile), probs(kQueryTile * kKeyTile),
-        dprobs(kQueryTile * kKeyTile), tile_t(kKeyTile * kQueryTile), dk(kKeyTile * E), dv(kKeyTile * Ev);
+        dprobs(kQueryTile * kKeyTile),
+        dk_t(E * kKeyTile), dv_t(Ev * kKeyTile), q_scaled(L * E), q_t(E * L), grad_out_t(Ev * L);
     T* dq_base = split_keys ? private_dq.data() + size_t(thread_index()) * total_rows * E : a.grad_q;
+    int64_t prepared_head = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t head = split_keys ? item / k_tiles : item;
       const int64_t tile_begin = split_keys ? item % k_tiles : 0, tile_end = split_keys ? tile_begin + 1 : k_tiles;
@@ -383,21 +387,28 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
         const int64_t j0 = tile * kKeyTile, cols = std::min(kKeyTile, S - j0);
         transpose_tile(k + j0 * a.k_strides.row, a.k_strides.row, cols, E, key_t.data(), cols);
         transpose_tile(v + j0 * a.v_strides.row, a.v_strides.row, cols, Ev, value_t.data(), cols);
-        std::fill(dk.begin(), dk.end(), T(0));
-        std::fill(dv.begin(), dv.end(), T(0));
+        std::fill(dk_t.begin(), dk_t.end(), T(0));
+        std::fill(dv_t.begin(), dv_t.end(), T(0));
         int64_t i_lo, i_hi;
         queries_seeing(j0, j0 + cols, s, m, i_lo, i_hi);
         for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
           const int64_t bh = b * s.q_heads + h;
           const T* q_head = a.q + b * a.q_strides.batch + h * a.q_strides.head;
+          if (i_lo > i_hi) continue;
+          if (prepared_head != bh) {  // this head's queries (scaled, and transposed) and dO transposed
+            for (int64_t i = 0; i < L; ++i)
+              for (int64_t c = 0; c < E; ++c) q_scaled[i * E + c] = q_head[i * a.q_strides.row + c] * scale;
+            transpose_copy(L, E, q_head, a.q_strides.row, q_t.data(), L);
+            transpose_copy(L, Ev, a.grad_out + bh * L * Ev, Ev, grad_out_t.data(), L);
+            prepared_head = bh;
+          }
           for (int64_t i0 = (std::max<int64_t>(i_lo, 0) / kQueryTile) * kQueryTile; i0 <= i_hi; i0 += kQueryTile) {
             const int64_t rows = std::min(kQueryTile, L - i0);
-            const T* q = q_head + i0 * a.q_strides.row;
             const T* grad_out = a.grad_out + (bh * L + i0) * Ev;
             const T* lse = a.lse + bh * L + i0;
             // P = exp(scores - lse), recomputed.
-            gemm(rows, cols, E, q, a.q_strides.row, key_t.data(), cols, probs.data(), kKeyTile, false);
-            finish_scores(probs.data(), kKeyTile, rows, cols, i0, j0, b, h, s, m, scale);
+            gemm(rows, cols, E, q_scaled.data() + i0 * E, E, key_t.data(), cols, probs.data(), kKeyTile, false);
+            finish_scores(probs.data(), kKeyTile, rows, cols, i0, j0, b, h, s, m, T(1));
             for (int64_t r = 0; r < rows; ++r) {
               T* p = probs.data() + r * kKeyTile;
               if (lse[r] == neg_inf<T>()) {
@@ -406,16 +417,17 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
                 exp_shifted(p, cols, lse[r]);
               }
             }
-            // dV += (P with dropout)^T dO
-            for (int64_t r = 0; r < rows; ++r) {
-              const T* p = probs.data() + r * kKeyTile;
-              T* pd = dprobs.data() + r * kKeyTile;
-              std::copy(p, p + cols, pd);
-              if (dropout)
+            // dV^T += dO^T (P with dropout)
+            const T* kept = probs.data();
+            if (dropout) {
+              for (int64_t r = 0; r < rows; ++r) {
+                T* pd = dprobs.data() + r * kKeyTile;
+                std::copy(probs.data() + r * kKeyTile, probs.data() + r * kKeyTile + cols, pd);
                 apply_dropout(pd, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
+              }
+              kept = dprobs.data();
             }
-            transpose_tile(dprobs.data(), kKeyTile, rows, cols, tile_t.data(), rows);
-            gemm(cols, Ev, rows, tile_t.data(), rows, grad_out, Ev, dv.data(), Ev, true);
+            gemm(Ev, cols, rows, grad_out_t.data() + i0, L, kept, kKeyTile, dv_t.data(), cols, true);
             // dP = dO V^T (through the dropout mask), dS = P * (dP - D)
             gemm(rows, cols, Ev, grad_out, Ev, value_t.data(), cols, dprobs.data(), kKeyTile, false);
             for (int64_t r = 0; r < rows; ++r) {
@@ -427,19 +439,19 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
               for (int64_t c = 0; c < cols; ++c) ds[c] = p[c] * (ds[c] - d);
               if (a.grad_mask != nullptr)
                 std::copy(ds, ds + cols, a.grad_mask + (bh * L + i0 + r) * S + j0);
-              for (int64_t c = 0; c < cols; ++c) ds[c] *= scale;
             }
-            // dQ += dS K, dK += dS^T Q
+            // dQ += dS K and dK^T += Q^T dS, both without the scale (applied once at the end)
             gemm(rows, E, cols, dprobs.data(), kKeyTile, k + j0 * a.k_strides.row, a.k_strides.row,
                  dq_base + (bh * L + i0) * E, E, true);
-            transpose_tile(dprobs.data(), kKeyTile, rows, cols, tile_t.data(), rows);
-            gemm(cols, E, rows, tile_t.data(), rows, q, a.q_strides.row, dk.data(), E, true);
+            gemm(E, cols, rows, q_t.data() + i0, L, dprobs.data(), kKeyTile, dk_t.data(), cols, true);
           }
         }
         T* grad_k = a.grad_k + (head * S + j0) * E;
         T* grad_v = a.grad_v + (head * S + j0) * Ev;
-        std::copy(dk.begin(), dk.begin() + cols * E, grad_k);
-        std::copy(dv.begin(), dv.begin() + cols * Ev, grad_v);
+        for (int64_t c = 0; c < cols; ++c) {
+          for (int64_t e = 0; e < E; ++e) grad_k[c * E + e] = dk_t[e * cols + c] * scale;
+          for (int64_t e = 0; e < Ev; ++e) grad_v[c * Ev + e] = dv_t[e * cols + c];
+        }
       }
     }
   });
@@ -449,8 +461,12 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
       for (int64_t x = begin; x < end; ++x) {
         T acc = 0;
         for (int t = 0; t < threads; ++t) acc += private_dq[size_t(t) * total_rows * E + x];
-        a.grad_q[x] = acc;
+        a.grad_q[x] = acc * scale;
       }
+    });
+  } else {
+    parallel_for(total_rows * E, 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t x = begin; x < end; ++x) a.grad_q[x] *= scale;
     });
   }
 }
