@@ -9,7 +9,7 @@
 
 namespace fl {
 
-enum class WorkspaceSlot : int { w_ih, w_hh, w_hr, gates, raw, state_h, left, product, hidden_prev, grad, count };
+enum class WorkspaceSlot : int { w_ih, w_hh, w_hr, gates, raw, state_h, state_c, left, product, hidden_prev, grad, count };
 
 // An uninitialised buffer of `count` elements, 64-byte aligned, valid until the next call with the same slot
 // on the same thread.

@@ -13,6 +13,7 @@
 #include "lstm/lstm_math.h"
 
 #include <algorithm>
+#include <type_traits>
 #include <cstring>
 #include <vector>
 
@@ -95,6 +96,40 @@ void pack_block_panels(const GateColumns& columns, int64_t K, const T* src, T* d
   });
 }
 
+// Rows of a GEMM panel for K inputs: bf16 panels pair rows, so K is rounded up to even.
+template <typename T>
+constexpr int64_t panel_rows(int64_t K) {
+  return std::is_same_v<T, bf16> ? (K + 1) / 2 * 2 : K;
+}
+
+// A gate weight as GEMM panels in the engine's operand format (bf16: row pairs interleaved).
+template <typename T>
+void pack_weight_panels(const GateColumns& columns, int64_t K, const T* src, T* dst) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    std::vector<T> plain(4 * columns.hidden * K);
+    pack_block_panels(columns, K, src, plain.data());
+    const int64_t rows = panel_rows<T>(K);
+    parallel_for(columns.blocks(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t n = 4 * columns.width(block);
+        pack_b_bf16(K, n, plain.data() + columns.base(block) * K, n, dst + columns.base(block) * rows);
+      }
+    });
+  } else {
+    pack_block_panels(columns, K, src, dst);
+  }
+}
+
+// C[n x cols] (+)= A[n x K] times one block's panel.
+template <typename T, typename S>
+void panel_gemm(int64_t n, int64_t cols, int64_t K, const T* A, int64_t lda, const T* panel, S* C, int64_t ldc,
+                bool accumulate) {
+  if constexpr (std::is_same_v<T, bf16>)
+    gemm_bf16(n, cols, K, A, lda, panel, cols, 0, C, ldc, accumulate);
+  else
+    gemm(n, cols, K, A, lda, panel, cols, C, ldc, accumulate);
+}
+
 // Rows of a torch weight [R x K] reordered into gate-column order: dst[perm[r]] = src[r].
 template <typename T>
 void permute_rows(int64_t R, int64_t K, int64_t ld_dst, const T* src, const std::vector<int64_t>& perm, T* dst) {
@@ -125,9 +160,9 @@ int64_t grain_for(int64_t items, int64_t flops_per_item) {
 
 // Gate math on one block of `width` units of one row: pre-activations in, activations out (in place), the
 // cell state updated in place and copied to `cell_out`, the cell output written to `hidden_out`.
-template <typename T>
-void block_forward(T* gates, int64_t width, T* cell_state, T* cell_out, T* hidden_out) {
-  using V = Vectorized<T>;
+template <typename S, typename T>
+void block_forward(S* gates, int64_t width, S* cell_state, S* cell_out, T* hidden_out) {
+  using V = Vectorized<S>;
   for (int64_t j = 0; j < width; j += V::size()) {
     const int64_t n = std::min<int64_t>(V::size(), width - j);
     const V pre_i = V::loadu(gates + j, n), pre_f = V::loadu(gates + width + j, n);
@@ -141,7 +176,13 @@ void block_forward(T* gates, int64_t width, T* cell_state, T* cell_out, T* hidde
     o.store(gates + 3 * width + j, n);
     c.store(cell_state + j, n);
     if (cell_out != nullptr) c.store(cell_out + j, n);
-    h.store(hidden_out + j, n);
+    if constexpr (std::is_same_v<S, T>) {
+      h.store(hidden_out + j, n);
+    } else {  // bfloat16 layers: the cell output is rounded once, here
+      S tmp[V::size()];
+      h.store(tmp, n);
+      for (int64_t k = 0; k < n; ++k) hidden_out[j + k] = static_cast<T>(tmp[k]);
+    }
   }
 }
 
@@ -190,9 +231,11 @@ void project_rows(int64_t n, int64_t H, int64_t P, const T* raw, const T* w_hr_t
 
 template <typename T>
 void forward_impl(const LstmLayerForwardArgs<T>& a) {
+  using S = lstm_state_t<T>;  // gates, cell states and GEMM accumulators
   const LstmLayerSizes& s = a.sizes;
   const int64_t H = s.hidden_size, P = s.output_size, I = s.input_size, G4 = 4 * H;
-  const int64_t LG = lstm_gates_stride(H, sizeof(T));
+  const int64_t LG = lstm_gates_stride(H, sizeof(S));
+  const int64_t rows_i = panel_rows<T>(I), rows_p = panel_rows<T>(P);
   const GateColumns columns{H};
   const std::vector<int64_t> perm = columns.permutation();
   const StepTable steps(s, a.batch_sizes);
@@ -201,46 +244,46 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
   const T* w_ih_t = a.w_ih_packed;
   const T* w_hh_t = a.w_hh_packed;
   if (w_ih_t == nullptr) {
-    T* packed = workspace<T>(WorkspaceSlot::w_ih, I * G4);
-    pack_block_panels(columns, I, a.w_ih, packed);
+    T* packed = workspace<T>(WorkspaceSlot::w_ih, rows_i * G4);
+    pack_weight_panels(columns, I, a.w_ih, packed);
     w_ih_t = packed;
   }
   if (w_hh_t == nullptr) {
-    T* packed = workspace<T>(WorkspaceSlot::w_hh, P * G4);
-    pack_block_panels(columns, P, a.w_hh, packed);
+    T* packed = workspace<T>(WorkspaceSlot::w_hh, rows_p * G4);
+    pack_weight_panels(columns, P, a.w_hh, packed);
     w_hh_t = packed;
   }
   T* w_hr_t = s.has_proj ? workspace<T>(WorkspaceSlot::w_hr, H * P) : nullptr;
   if (s.has_proj) transpose_copy(P, H, a.w_hr, H, w_hr_t, P);
-  std::vector<T> bias(s.has_bias ? G4 : 0);
-  for (int64_t r = 0; r < G4 && s.has_bias; ++r) bias[perm[r]] = a.b_ih[r] + a.b_hh[r];
+  std::vector<S> bias(s.has_bias ? G4 : 0);
+  for (int64_t r = 0; r < G4 && s.has_bias; ++r) bias[perm[r]] = S(a.b_ih[r]) + S(a.b_hh[r]);
 
   // The input projection runs a chunk of steps at a time, so that its output is still in cache when the
   // steps read it; in inference only one chunk of gates is ever stored.
   const int64_t chunk_steps = std::max<int64_t>(1, kChunkRows / std::max<int64_t>(1, s.batch));
   const int64_t chunk_rows_max = std::min(s.rows, chunk_steps * s.batch);
-  T* chunk_scratch = a.gates == nullptr ? workspace<T>(WorkspaceSlot::gates, chunk_rows_max * LG) : nullptr;
-  T* raw_scratch = s.has_proj && a.raw_hidden == nullptr ? workspace<T>(WorkspaceSlot::raw, s.batch * H) : nullptr;
+  S* chunk_scratch = a.gates == nullptr ? workspace<S>(WorkspaceSlot::gates, chunk_rows_max * LG) : nullptr;
+  S* raw_scratch = s.has_proj && a.raw_hidden == nullptr ? workspace<S>(WorkspaceSlot::raw, s.batch * H) : nullptr;
 
   T* hidden_state = workspace<T>(WorkspaceSlot::state_h, s.batch * P);  // h_{t-1}: the GEMM's left operand
   std::memcpy(hidden_state, a.h0, sizeof(T) * s.batch * P);
-  std::memcpy(a.c_n, a.c0, sizeof(T) * s.batch * H);  // the cell state, updated in place
-  T* cell_state = a.c_n;
+  S* cell_state = workspace<S>(WorkspaceSlot::state_c, s.batch * H);  // updated in place
+  for (int64_t k = 0; k < s.batch * H; ++k) cell_state[k] = S(a.c0[k]);
 
   for (int64_t chunk0 = 0; chunk0 < s.steps; chunk0 += chunk_steps) {
     const int64_t chunk1 = std::min(s.steps, chunk0 + chunk_steps);
     // The time steps of this chunk form one contiguous range of rows, in either direction.
     const int64_t t_lo = s.reverse ? s.steps - chunk1 : chunk0, t_hi = s.reverse ? s.steps - chunk0 : chunk1;
     const int64_t row_lo = steps.offset[t_lo], chunk_rows = steps.offset[t_hi] - row_lo;
-    T* gates_chunk = a.gates != nullptr ? a.gates + row_lo * LG : chunk_scratch;
+    S* gates_chunk = a.gates != nullptr ? a.gates + row_lo * LG : chunk_scratch;
     parallel_for(blocks, grain_for(blocks, 2 * chunk_rows * 4 * kUnitBlock * I), [&](int64_t begin, int64_t end) {
       for (int64_t block = begin; block < end; ++block) {
         const int64_t base = columns.base(block), width = columns.width(block);
         if (s.has_bias)
           for (int64_t row = 0; row < chunk_rows; ++row)
-            std::memcpy(gates_chunk + row * LG + base, bias.data() + base, sizeof(T) * 4 * width);
-        gemm(chunk_rows, 4 * width, I, a.input + row_lo * I, I, w_ih_t + base * I, 4 * width, gates_chunk + base,
-             LG, s.has_bias);
+            std::memcpy(gates_chunk + row * LG + base, bias.data() + base, sizeof(S) * 4 * width);
+        panel_gemm(chunk_rows, 4 * width, I, a.input + row_lo * I, I, w_ih_t + base * rows_i, gates_chunk + base,
+                   LG, s.has_bias);
       }
     });
 
@@ -252,25 +295,35 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
         const int64_t m = std::min(n, steps.batch[tp]);
         std::memcpy(hidden_state, a.output + steps.offset[tp] * P, sizeof(T) * m * P);
       }
-      T* gates_t = gates_chunk + (row0 - row_lo) * LG;
-      T* cells_t = a.cells != nullptr ? a.cells + row0 * H : nullptr;
-      T* raw_t = s.has_proj ? (a.raw_hidden != nullptr ? a.raw_hidden + row0 * H : raw_scratch) : nullptr;
-      T* hidden_t = s.has_proj ? raw_t : a.output + row0 * P;
-      const int64_t ld_hidden = s.has_proj ? H : P;
+      S* gates_t = gates_chunk + (row0 - row_lo) * LG;
+      S* cells_t = a.cells != nullptr ? a.cells + row0 * H : nullptr;
       parallel_for(blocks, grain_for(blocks, 2 * n * 4 * kUnitBlock * P), [&](int64_t begin, int64_t end) {
         for (int64_t block = begin; block < end; ++block) {
           const int64_t base = columns.base(block), width = columns.width(block), unit0 = block * kUnitBlock;
-          gemm(n, 4 * width, P, hidden_state, P, w_hh_t + base * P, 4 * width, gates_t + base, LG, true);
-          for (int64_t b = 0; b < n; ++b)
-            block_forward(gates_t + b * LG + base, width, cell_state + b * H + unit0,
-                          cells_t != nullptr ? cells_t + b * H + unit0 : nullptr,
-                          hidden_t + b * ld_hidden + unit0);
+          panel_gemm(n, 4 * width, P, hidden_state, P, w_hh_t + base * rows_p, gates_t + base, LG, true);
+          for (int64_t b = 0; b < n; ++b) {
+            S* cell_out = cells_t != nullptr ? cells_t + b * H + unit0 : nullptr;
+            if constexpr (std::is_same_v<S, T>) {
+              T* raw_t = s.has_proj ? (a.raw_hidden != nullptr ? a.raw_hidden + row0 * H : raw_scratch) : nullptr;
+              T* hidden_t = s.has_proj ? raw_t + b * H : a.output + (row0 + b) * P;
+              block_forward(gates_t + b * LG + base, width, cell_state + b * H + unit0, cell_out, hidden_t + unit0);
+            } else {  // no projection in reduced precision (the op layer computes those in float)
+              block_forward(gates_t + b * LG + base, width, cell_state + b * H + unit0, cell_out,
+                            a.output + (row0 + b) * P + unit0);
+            }
+          }
         }
       });
-      if (s.has_proj) project_rows(n, H, P, hidden_t, w_hr_t, a.output + row0 * P);
+      if constexpr (std::is_same_v<S, T>) {
+        if (s.has_proj) {
+          T* raw_t = a.raw_hidden != nullptr ? a.raw_hidden + row0 * H : raw_scratch;
+          project_rows(n, H, P, raw_t, w_hr_t, a.output + row0 * P);
+        }
+      }
     }
   }
 
+  for (int64_t k = 0; k < s.batch * H; ++k) a.c_n[k] = static_cast<T>(cell_state[k]);
   // h_n: each sequence's output at the last step it ran (step 0 for the reverse direction).
   for (int64_t b = 0; b < s.batch; ++b) {
     int64_t t_last = 0;
@@ -402,11 +455,15 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
 }  // namespace
 
 void lstm_pack_weight(const float* w, int64_t hidden, int64_t cols, float* out) {
-  pack_block_panels(GateColumns{hidden}, cols, w, out);
+  pack_weight_panels(GateColumns{hidden}, cols, w, out);
 }
 void lstm_pack_weight(const double* w, int64_t hidden, int64_t cols, double* out) {
-  pack_block_panels(GateColumns{hidden}, cols, w, out);
+  pack_weight_panels(GateColumns{hidden}, cols, w, out);
 }
+void lstm_pack_weight(const bf16* w, int64_t hidden, int64_t cols, bf16* out) {
+  pack_weight_panels(GateColumns{hidden}, cols, w, out);
+}
+void lstm_layer_forward(const LstmLayerForwardArgs<bf16>& args) { forward_impl(args); }
 void lstm_layer_forward(const LstmLayerForwardArgs<float>& args) { forward_impl(args); }
 void lstm_layer_forward(const LstmLayerForwardArgs<double>& args) { forward_impl(args); }
 void lstm_layer_backward(const LstmLayerBackwardArgs<float>& args) { backward_impl(args); }

@@ -8,6 +8,8 @@
 
 #include "common/isa.h"
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 
 namespace fl {
@@ -32,8 +34,27 @@ struct LstmLayerSizes {
   bool has_proj = false;
 };
 
+// The type gates, cell states and GEMM accumulators are kept in: float for bfloat16 layers.
+template <typename T>
+struct LstmStateType {
+  using type = T;
+};
+template <>
+struct LstmStateType<c10::BFloat16> {
+  using type = float;
+};
+template <typename T>
+using lstm_state_t = typename LstmStateType<T>::type;
+
+// Elements of a gate weight [4H x cols] repacked by lstm_pack_weight: bf16 panels pair rows (cols rounded up
+// to even) for the dot-product instructions.
+inline int64_t lstm_packed_weight_size(int64_t hidden, int64_t cols, bool bf16) {
+  return 4 * hidden * (bf16 ? (cols + 1) / 2 * 2 : cols);
+}
+
 template <typename T>
 struct LstmLayerForwardArgs {
+  using S = lstm_state_t<T>;
   LstmLayerSizes sizes;
   const int64_t* batch_sizes = nullptr;  // [T]
   const T* input = nullptr;              // [N x I]
@@ -52,9 +73,9 @@ struct LstmLayerForwardArgs {
   T* c_n = nullptr;                      // [B x H]
   // Kept for the backward pass (null in inference): gate activations (in the kernel's own column order),
   // cell states, and the cell outputs before the projection.
-  T* gates = nullptr;                    // [N x lstm_gates_stride(H)]
-  T* cells = nullptr;                    // [N x H]
-  T* raw_hidden = nullptr;               // [N x H], only with a projection
+  S* gates = nullptr;                    // [N x lstm_gates_stride(H)]
+  S* cells = nullptr;                    // [N x H]
+  S* raw_hidden = nullptr;               // [N x H], only with a projection (not for bfloat16)
 };
 
 template <typename T>
@@ -89,6 +110,8 @@ struct LstmLayerBackwardArgs {
   /* Repacks a torch gate weight [4H x cols] into the kernel's GEMM panels (4H * cols elements). */ \
   void lstm_pack_weight(const float* w, int64_t hidden, int64_t cols, float* out);  \
   void lstm_pack_weight(const double* w, int64_t hidden, int64_t cols, double* out); \
+  void lstm_pack_weight(const c10::BFloat16* w, int64_t hidden, int64_t cols, c10::BFloat16* out); \
+  void lstm_layer_forward(const ::fl::LstmLayerForwardArgs<c10::BFloat16>& args); \
   void lstm_layer_forward(const ::fl::LstmLayerForwardArgs<float>& args);        \
   void lstm_layer_forward(const ::fl::LstmLayerForwardArgs<double>& args);       \
   void lstm_layer_backward(const ::fl::LstmLayerBackwardArgs<float>& args);      \

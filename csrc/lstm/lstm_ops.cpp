@@ -105,9 +105,11 @@ Tensor compute_view(const Tensor& t) {
 // A gate weight repacked into the kernel's GEMM panels, cached while the user's weight is unchanged.
 Tensor packed_gate_weight(const Tensor& user_weight, const Tensor& weight, int64_t hidden) {
   const int64_t cols = weight.size(1);
-  return cached_derived(user_weight, "lstm_gate_panels", [&] {
-    Tensor out = at::empty({weight.numel()}, weight.options());
-    AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "lstm_pack_weight", [&] {
+  const bool bf16 = weight.scalar_type() == at::kBFloat16;
+  // The key includes the dtype packed to: a bf16 weight computed in float32 packs differently.
+  return cached_derived(user_weight, bf16 ? "lstm_gate_panels_bf16" : "lstm_gate_panels", [&] {
+    Tensor out = at::empty({lstm_packed_weight_size(hidden, cols, bf16)}, weight.options());
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "lstm_pack_weight", [&] {
       FL_DISPATCH_ISA(lstm_pack_weight, weight.data_ptr<scalar_t>(), hidden, cols, out.data_ptr<scalar_t>());
     });
     return out;
@@ -121,21 +123,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
   Checked checked = check_layer_args(input_, batch_sizes, h0_, c0_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, reverse);
   const LstmLayerSizes& s = checked.sizes;
   const auto out_dtype = input_.scalar_type();
-  const Tensor input = compute_view(input_.contiguous()), h0 = compute_view(h0_.contiguous()),
-               c0 = compute_view(c0_.contiguous()), w_ih = compute_view(w_ih_.contiguous()),
-               w_hh = compute_view(w_hh_.contiguous()), b_ih = compute_view(contiguous_or_undefined(b_ih_)),
-               b_hh = compute_view(contiguous_or_undefined(b_hh_)), w_hr = compute_view(contiguous_or_undefined(w_hr_));
+  // bfloat16 runs natively (bf16 products, fp32 gates and cell state) except with a projection, which is
+  // computed in float32.
+  const bool native = out_dtype != at::kBFloat16 || !s.has_proj;
+  auto view = [&](const Tensor& t) { return native ? t : compute_view(t); };
+  const Tensor input = view(input_.contiguous()), h0 = view(h0_.contiguous()), c0 = view(c0_.contiguous()),
+               w_ih = view(w_ih_.contiguous()), w_hh = view(w_hh_.contiguous()),
+               b_ih = view(contiguous_or_undefined(b_ih_)), b_hh = view(contiguous_or_undefined(b_hh_)),
+               w_hr = view(contiguous_or_undefined(w_hr_));
   const auto opts = input.options();
+  const auto state_opts = opts.dtype(input.scalar_type() == at::kBFloat16 ? at::kFloat : input.scalar_type());
   Tensor output = at::empty({s.rows, s.output_size}, opts);
   Tensor h_n = at::empty({s.batch, s.output_size}, opts);
   Tensor c_n = at::empty({s.batch, s.hidden_size}, opts);
-  Tensor gates = at::empty({train ? s.rows : 0, lstm_gates_stride(s.hidden_size, input.element_size())}, opts);
-  Tensor cells = at::empty({train ? s.rows : 0, s.hidden_size}, opts);
-  Tensor raw = at::empty({train && s.has_proj ? s.rows : 0, s.hidden_size}, opts);
+  const int64_t state_size = at::elementSize(state_opts.dtype().toScalarType());
+  Tensor gates = at::empty({train ? s.rows : 0, lstm_gates_stride(s.hidden_size, state_size)}, state_opts);
+  Tensor cells = at::empty({train ? s.rows : 0, s.hidden_size}, state_opts);
+  Tensor raw = at::empty({train && s.has_proj ? s.rows : 0, s.hidden_size}, state_opts);
   const Tensor w_ih_packed = packed_gate_weight(w_ih_, w_ih, s.hidden_size);
   const Tensor w_hh_packed = packed_gate_weight(w_hh_, w_hh, s.hidden_size);
 
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "lstm_layer", [&] {
+    using S = lstm_state_t<scalar_t>;
     LstmLayerForwardArgs<scalar_t> a;
     a.sizes = s;
     a.batch_sizes = checked.batch_sizes.data_ptr<int64_t>();
@@ -152,9 +161,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
     a.output = output.data_ptr<scalar_t>();
     a.h_n = h_n.data_ptr<scalar_t>();
     a.c_n = c_n.data_ptr<scalar_t>();
-    a.gates = train ? gates.data_ptr<scalar_t>() : nullptr;
-    a.cells = train ? cells.data_ptr<scalar_t>() : nullptr;
-    a.raw_hidden = train && s.has_proj ? raw.data_ptr<scalar_t>() : nullptr;
+    a.gates = train ? gates.data_ptr<S>() : nullptr;
+    a.cells = train ? cells.data_ptr<S>() : nullptr;
+    a.raw_hidden = train && s.has_proj ? raw.data_ptr<S>() : nullptr;
     FL_DISPATCH_ISA(lstm_layer_forward, a);
   });
   if (out_dtype != output.scalar_type()) {
