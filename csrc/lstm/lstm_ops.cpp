@@ -138,6 +138,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
   Tensor c_n = at::empty({s.batch, s.hidden_size}, opts);
   const int64_t state_size = at::elementSize(state_opts.dtype().toScalarType());
   Tensor gates = at::empty({train ? s.rows : 0, lstm_gates_stride(s.hidden_size, state_size)}, state_opts);
+  if (gates.size(1) > 4 * s.hidden_size) gates.narrow(1, 4 * s.hidden_size, gates.size(1) - 4 * s.hidden_size).zero_();
   Tensor cells = at::empty({train ? s.rows : 0, s.hidden_size}, state_opts);
   Tensor raw = at::empty({train && s.has_proj ? s.rows : 0, s.hidden_size}, state_opts);
   const Tensor w_ih_packed = packed_gate_weight(w_ih_, w_ih, s.hidden_size);

@@ -54,3 +54,7 @@ def _no_double_backward(ctx, *grads):
 
 torch.library.register_autograd(
     "fusedlayers::sdpa_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# torch autocasts scaled_dot_product_attention to the lower precision on the CPU.
+torch.library.register_autocast("fusedlayers::sdpa", "cpu", torch.bfloat16)

@@ -88,3 +88,7 @@ def _no_double_backward(ctx, *grads):
 
 torch.library.register_autograd(
     "fusedlayers::lstm_layer_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# Under torch.autocast on the CPU, torch.nn.LSTM runs in the lower precision: so does the fused layer.
+torch.library.register_autocast("fusedlayers::lstm_layer", "cpu", torch.bfloat16)

@@ -11,7 +11,7 @@ _linear_op = torch.ops.fusedlayers.linear
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """Drop-in for `torch.nn.functional.linear`: input (..., in) @ weight (out, in)^T + bias (out)."""
-    supported = (input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
+    supported = (input.device.type == "cpu" and not torch.is_autocast_enabled("cpu") and input.dtype in (torch.float32, torch.float64)
                  and weight.dtype == input.dtype and (bias is None or bias.dtype == input.dtype)
                  and input.dim() >= 1 and weight.dim() == 2)
     if not supported:

@@ -60,8 +60,9 @@ class LSTM(torch.nn.RNNBase):
                                f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
 
     def _check_state_dtypes(self, input: Tensor, hx: tuple[Tensor, Tensor]) -> None:
+        autocast = torch.is_autocast_enabled("cpu")  # autocast casts every input to one dtype
         for name, t in (("hx", hx[0]), ("cx", hx[1])):
-            if t.dtype != input.dtype:
+            if t.dtype != input.dtype and not autocast:
                 raise RuntimeError(f"LSTM: {name} dtype ({t.dtype}) does not match input dtype ({input.dtype})")
             if t.device != input.device:
                 raise RuntimeError(f"LSTM: {name} is on {t.device} but input is on {input.device}")
@@ -142,9 +143,9 @@ class LSTMCell(torch.nn.LSTMCell):
             if state.size(1) != self.hidden_size:
                 raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {state.size(1)}, expected "
                                    f"{self.hidden_size}")
-            if state.dtype != input.dtype:
+            if state.dtype != input.dtype and not torch.is_autocast_enabled("cpu"):
                 raise RuntimeError(f"LSTMCell: hx[{k}] dtype ({state.dtype}) does not match input dtype "
                                    f"({input.dtype})")
-        if self.weight_ih.dtype != input.dtype:
+        if self.weight_ih.dtype != input.dtype and not torch.is_autocast_enabled("cpu"):
             raise RuntimeError(f"LSTMCell: input dtype ({input.dtype}) does not match weight dtype "
                                f"({self.weight_ih.dtype})")
