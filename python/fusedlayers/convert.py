@@ -35,16 +35,30 @@ def _mha_from(m: torch.nn.MultiheadAttention) -> fnn.MultiheadAttention:
     return new
 
 
+def _adopting(cls):
+    """Replacement by class change: for layers whose fusedlayers class only overrides forward (and adopts its
+    submodules), the module keeps its parameters and identity."""
+    def replace(m):
+        m.__class__ = cls
+        if hasattr(cls, "_adopt_children"):
+            cls._adopt_children(m)
+        return m
+    return replace
+
+
 # The exact torch class (not subclasses, whose forward may differ) -> a factory of our equivalent.
 _REPLACEMENTS = {
     torch.nn.LSTM: _lstm_from,
     torch.nn.LSTMCell: _lstm_cell_from,
     torch.nn.MultiheadAttention: _mha_from,
+    torch.nn.TransformerEncoderLayer: _adopting(fnn.TransformerEncoderLayer),
+    torch.nn.TransformerDecoderLayer: _adopting(fnn.TransformerDecoderLayer),
 }
 
 
 def convert(model: torch.nn.Module) -> torch.nn.Module:
-    """Replaces, in place, every `torch.nn.LSTM`, `torch.nn.LSTMCell` and `torch.nn.MultiheadAttention` inside `model` (and `model` itself) by
+    """Replaces, in place, every `torch.nn.LSTM`, `LSTMCell`, `MultiheadAttention`, `TransformerEncoderLayer` and
+    `TransformerDecoderLayer` inside `model` (and `model` itself) by
     the fusedlayers equivalent with the same weights, and returns the model. Parameters are copied, so an
     optimizer built before the conversion must be rebuilt."""
     factory = _REPLACEMENTS.get(type(model))

@@ -26,6 +26,8 @@ def _maf(module) -> MaskedAffineAutoregressiveTransform:
         context_features=made.context_layer.in_features if hasattr(made, "context_layer") else None,
         num_blocks=len(blocks), use_residual_blocks=residual, random_mask=False, activation=made.activation,
         dropout_probability=dropout, use_batch_norm=batch_norm)
+    weight = made.initial_layer.weight
+    ours.to(device=weight.device, dtype=weight.dtype)  # built in the default dtype: match the source's
     del random_mask  # random or cyclic, the degrees and masks are buffers and are loaded below
     ours.load_state_dict(module.state_dict(), strict=True)
     ours.train(module.training)
@@ -33,6 +35,12 @@ def _maf(module) -> MaskedAffineAutoregressiveTransform:
 
 
 def convert(module: nn.Module) -> nn.Module:
+    ours = _convert(module)
+    ours.training = module.training  # not .train(): each converted child already carries its own mode
+    return ours
+
+
+def _convert(module: nn.Module) -> nn.Module:
     name = type(module).__name__
     if name == "MaskedAffineAutoregressiveTransform":
         return _maf(module)
@@ -53,7 +61,7 @@ def convert(module: nn.Module) -> nn.Module:
     if name in ("Permutation", "RandomPermutation", "ReversePermutation"):
         return Permutation(module._permutation.clone(), module._dim)
     if name == "StandardNormal":
-        return StandardNormal(module._shape)
+        return StandardNormal(module._shape).to(module._log_z.device)
     if name == "Flow":
         embedding = module._embedding_net
         return Flow(convert(module._transform), convert(module._distribution),

@@ -65,7 +65,7 @@ class AffineCouplingTransform(Transform):
         n = self.num_transform_features
         return torch.sigmoid(params[:, n:, ...] + 2) + 1e-3, params[:, :n, ...]
 
-    def _apply(self, inputs: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+    def _couple(self, inputs: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         self._check(inputs)
         identity = inputs[:, self.identity_features, ...]
         moving = inputs[:, self.transform_features, ...]
@@ -87,7 +87,7 @@ class AffineCouplingTransform(Transform):
         return outputs, logabsdet
 
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._apply(inputs, context, inverse=False)
+        return self._couple(inputs, context, inverse=False)
 
     def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._apply(inputs, context, inverse=True)
+        return self._couple(inputs, context, inverse=True)

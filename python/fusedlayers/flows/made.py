@@ -1,10 +1,10 @@
 """MADE (Germain et al., 2015) with nflows' structure, parameter names and initialisation, so an nflows MADE's
 state_dict loads unchanged; plus the one-pass inversion of an autoregressive transform built on it.
 
-Degrees: input i has degree i (1..D); hidden unit degrees cycle through 1..D-1 (or are random); a hidden unit
-sees units of degree <= its own, an output of degree d sees units of degree < d. So once x_1..x_d are known,
-every hidden unit of degree d can be computed, and then the outputs of degree d+1: computing each unit exactly
-once, the inverse costs one forward pass of arithmetic instead of D.
+Degrees: input i has degree i (1..D); hidden unit degrees cycle through 1..D-1 (or are random; all 0 when
+D = 1); a hidden unit sees units of degree <= its own, an output of degree d sees units of degree < d. So once
+x_1..x_d are known, every hidden unit of degree d can be computed, and then the outputs of degree d+1: computing
+each unit exactly once, the inverse costs one forward pass of arithmetic instead of D.
 """
 
 from __future__ import annotations
@@ -19,6 +19,14 @@ from torch.nn import init
 
 def input_degrees(features: int) -> Tensor:
     return torch.arange(1, features + 1)
+
+
+def _put(dst: Tensor, index: Tensor, src: Tensor) -> Tensor:
+    """dst with rows `index` set to src. Out of place while autograd records: the old dst may be saved for the
+    backward of a product that used it (in place, backward would fail on a modified tensor)."""
+    if torch.is_grad_enabled():
+        return dst.index_copy(0, index, src)
+    return dst.index_copy_(0, index, src)
 
 
 def _tile(x: Tensor, n: int) -> Tensor:
@@ -183,25 +191,26 @@ class MADE(nn.Module):
         plans = [_DegreePlan(layer, d, features) for layer, d in zip(layers, degrees)]
         final = _RowsByDegree(self.final_layer, self.final_layer.degrees, features)
         for d in range(1, features + 1):
-            k = d - 1  # units of degree k see x_1..x_k, all known now; output d sees every unit of degree < d
-            if k >= 1:
-                plan = plans[0]
-                units = plan.units[k]
-                if len(units):
-                    h = plan.linear.apply(k, x_t)
-                    if context_t is not None:
-                        h = h + context_t.index_select(0, units)
-                    if not self.use_residual_blocks:
-                        h = self.activation(h)
-                    hidden_t[0].index_copy_(0, units, h)
-                for n, block in enumerate(self.blocks):
-                    plan = plans[n + 1]
-                    if len(plan.units[k]):
-                        hidden_t[n + 1].index_copy_(0, plan.units[k],
-                                                    plan.block_units(block, k, hidden_t[n], context, degrees[n]))
+            # Units of degree k see x_1..x_k, all known now; output d sees every unit of degree < d. Degree 0
+            # (every hidden unit when D = 1) sees no input but still has its bias and context terms.
+            k = d - 1
+            plan = plans[0]
+            units = plan.units[k]
+            if len(units):
+                h = plan.linear.apply(k, x_t)
+                if context_t is not None:
+                    h = h + context_t.index_select(0, units)
+                if not self.use_residual_blocks:
+                    h = self.activation(h)
+                hidden_t[0] = _put(hidden_t[0], units, h)
+            for n, block in enumerate(self.blocks):
+                plan = plans[n + 1]
+                if len(plan.units[k]):
+                    hidden_t[n + 1] = _put(hidden_t[n + 1], plan.units[k],
+                                           plan.block_units(block, k, hidden_t[n], context, degrees[n]))
             params = final.apply(d, hidden_t[-1])  # [multiplier, batch]
             feature = torch.tensor([d - 1], device=targets.device)
-            x_t[d - 1] = solve(feature, params.t().reshape(batch, 1, -1), targets[:, d - 1:d])[:, 0]
+            x_t = _put(x_t, feature, solve(feature, params.t().reshape(batch, 1, -1), targets[:, d - 1:d]).t())
         return x_t.t()
 
 
@@ -255,21 +264,22 @@ class _DegreePlan:
                 self.inner_t = torch.zeros_like(inputs_t)
             bn = block.batch_norm_layers if block.use_batch_norm else (None, None)
             # The block's input units of degree k became known with this step: activate them once.
-            self.activated.index_copy_(0, units, block.activation(
+            self.activated = _put(self.activated, units, block.activation(
                 self._norm(bn[0], inputs_t.index_select(0, units), units)))
             hidden = self.inner.apply(k, self.activated)
             if context is not None:
                 hidden = hidden + (F.linear(context, block.context_layer.weight.index_select(0, units),
                                             block.context_layer.bias.index_select(0, units))).t()
-            self.inner_t.index_copy_(0, units, block.activation(self._norm(bn[1], hidden, units)))
+            self.inner_t = _put(self.inner_t, units, block.activation(self._norm(bn[1], hidden, units)))
             return inputs_t.index_select(0, units) + self.outer.apply(k, self.inner_t)
         if block.batch_norm is not None:
             if not hasattr(self, "normed"):
                 self.normed = torch.zeros_like(inputs_t)
-                self.done = 0
+                self.done = -1
             # Normalise the block's inputs that became known since the last step (degrees done+1..k).
             fresh = torch.nonzero((in_degrees > self.done) & (in_degrees <= k)).flatten()
-            self.normed.index_copy_(0, fresh, self._norm(block.batch_norm, inputs_t.index_select(0, fresh), fresh))
+            self.normed = _put(self.normed, fresh,
+                               self._norm(block.batch_norm, inputs_t.index_select(0, fresh), fresh))
             self.done = k
             return block.activation(self.linear.apply(k, self.normed))
         return block.activation(self.linear.apply(k, inputs_t))
