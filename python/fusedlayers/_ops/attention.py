@@ -25,7 +25,7 @@ def _sdpa_backward_fake(grad_out, query, key, value, attn_mask, out, lse, dropou
     wants_mask = mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool
     grad_mask = (query.new_empty(query.shape[0], query.shape[1], query.shape[2], key.shape[2]) if wants_mask
                  else query.new_empty(0))
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), grad_mask
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), grad_mask
 
 
 def _setup_context(ctx, inputs, output):

@@ -11,7 +11,8 @@ def _linear_fake(input, weight, bias):
 
 @torch.library.register_fake("fusedlayers::linear_backward")
 def _linear_backward_fake(grad_out, input, weight, bias_grad):
-    return torch.empty_like(input), torch.empty_like(weight), weight.new_empty(weight.shape[0] if bias_grad else 0)
+    bias_size = weight.shape[0] if bias_grad else 0
+    return input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty(bias_size)
 
 
 def _setup_context(ctx, inputs, output):

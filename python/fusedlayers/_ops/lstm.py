@@ -43,13 +43,13 @@ def _lstm_layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_size
                               has_bias, output, gates, cells, raw_hidden, reverse):
     hidden = w_ih.shape[0] // 4
     return (
-        torch.empty_like(input),
-        torch.empty_like(h0),
-        torch.empty_like(c0),
-        torch.empty_like(w_ih),
-        torch.empty_like(w_hh),
+        input.new_empty(input.shape),
+        h0.new_empty(h0.shape),
+        c0.new_empty(c0.shape),
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
         w_ih.new_empty(4 * hidden if has_bias else 0),
-        torch.empty_like(w_hr) if w_hr is not None else w_ih.new_empty(0, 0),
+        w_hr.new_empty(w_hr.shape) if w_hr is not None else w_ih.new_empty(0, 0),
     )
 
 
