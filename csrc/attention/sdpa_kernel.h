@@ -31,8 +31,9 @@ struct SdpaMasking {
   uint64_t seed = 0;
 };
 
+// What the forward and the backward both read.
 template <typename T>
-struct SdpaForwardArgs {
+struct SdpaInputs {
   SdpaSizes sizes;
   SdpaMasking masking;
   double scale = 1.0;
@@ -40,19 +41,16 @@ struct SdpaForwardArgs {
   const T* k = nullptr;
   const T* v = nullptr;
   Strides4 q_strides, k_strides, v_strides;  // col stride must be 1
+};
+
+template <typename T>
+struct SdpaForwardArgs : SdpaInputs<T> {
   T* out = nullptr;  // [batch, q_heads, q_len, v_dim], contiguous
   T* lse = nullptr;  // [batch, q_heads, q_len]: log-sum-exp of each row's scores (-inf: row attends nothing)
 };
 
 template <typename T>
-struct SdpaBackwardArgs {
-  SdpaSizes sizes;
-  SdpaMasking masking;
-  double scale = 1.0;
-  const T* q = nullptr;
-  const T* k = nullptr;
-  const T* v = nullptr;
-  Strides4 q_strides, k_strides, v_strides;
+struct SdpaBackwardArgs : SdpaInputs<T> {
   const T* out = nullptr;       // contiguous, as the forward wrote it
   const T* grad_out = nullptr;  // contiguous
   const T* lse = nullptr;

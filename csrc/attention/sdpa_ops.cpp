@@ -106,6 +106,20 @@ SdpaMasking masking_of(const Prepared& p, bool is_causal, int64_t window_left, i
   return m;
 }
 
+template <typename T>
+void fill_inputs(SdpaInputs<T>& a, const Prepared& p, bool is_causal, int64_t window_left, int64_t window_right,
+                 double dropout_p, int64_t seed, double scale) {
+  a.sizes = p.sizes;
+  a.masking = masking_of(p, is_causal, window_left, window_right, dropout_p, seed);
+  a.scale = scale;
+  a.q = p.q.data_ptr<T>();
+  a.k = p.k.data_ptr<T>();
+  a.v = p.v.data_ptr<T>();
+  a.q_strides = strides_of(p.q);
+  a.k_strides = strides_of(p.k);
+  a.v_strides = strides_of(p.v);
+}
+
 std::tuple<Tensor, Tensor> sdpa_cpu(const Tensor& query, const Tensor& key, const Tensor& value,
                                     const OptTensor& attn_mask, double dropout_p, bool is_causal, double scale,
                                     int64_t window_left, int64_t window_right, int64_t seed) {
@@ -115,15 +129,7 @@ std::tuple<Tensor, Tensor> sdpa_cpu(const Tensor& query, const Tensor& key, cons
   Tensor lse = at::empty({s.batch, s.q_heads, s.q_len}, p.q.options());
   AT_DISPATCH_FLOATING_TYPES(p.q.scalar_type(), "sdpa_forward", [&] {
     SdpaForwardArgs<scalar_t> a;
-    a.sizes = s;
-    a.masking = masking_of(p, is_causal, window_left, window_right, dropout_p, seed);
-    a.scale = scale;
-    a.q = p.q.data_ptr<scalar_t>();
-    a.k = p.k.data_ptr<scalar_t>();
-    a.v = p.v.data_ptr<scalar_t>();
-    a.q_strides = strides_of(p.q);
-    a.k_strides = strides_of(p.k);
-    a.v_strides = strides_of(p.v);
+    fill_inputs<scalar_t>(a, p, is_causal, window_left, window_right, dropout_p, seed, scale);
     a.out = out.data_ptr<scalar_t>();
     a.lse = lse.data_ptr<scalar_t>();
     FL_DISPATCH_ISA(sdpa_forward, a);
@@ -152,15 +158,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sdpa_backward_cpu(
                                     : at::empty({0}, p.q.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "sdpa_backward", [&] {
     SdpaBackwardArgs<scalar_t> a;
-    a.sizes = s;
-    a.masking = masking_of(p, is_causal, window_left, window_right, dropout_p, seed);
-    a.scale = scale;
-    a.q = p.q.data_ptr<scalar_t>();
-    a.k = p.k.data_ptr<scalar_t>();
-    a.v = p.v.data_ptr<scalar_t>();
-    a.q_strides = strides_of(p.q);
-    a.k_strides = strides_of(p.k);
-    a.v_strides = strides_of(p.v);
+    fill_inputs<scalar_t>(a, p, is_causal, window_left, window_right, dropout_p, seed, scale);
     a.out = o.data_ptr<scalar_t>();
     a.grad_out = go.data_ptr<scalar_t>();
     a.lse = l.data_ptr<scalar_t>();

@@ -49,19 +49,7 @@ struct GateColumns {
   }
 };
 
-// dst[k * R + perm[r]] = src[r * K + k]: a torch weight [R x K] becomes the GEMM's right operand [K x R].
-template <typename T>
-void pack_transposed(int64_t R, int64_t K, const T* src, const std::vector<int64_t>& perm, T* dst) {
-  constexpr int64_t kTile = 16;
-  parallel_for((R + kTile - 1) / kTile, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = begin * kTile; r0 < std::min(R, end * kTile); r0 += kTile)
-      for (int64_t k0 = 0; k0 < K; k0 += kTile)
-        for (int64_t r = r0; r < std::min(R, r0 + kTile); ++r)
-          for (int64_t k = k0; k < std::min(K, k0 + kTile); ++k) dst[k * R + perm[r]] = src[r * K + k];
-  });
-}
-
-// The inverse of pack_transposed: dst[r * K + k] = src[k * R + perm[r]].
+// A gradient computed transposed and in gate-column order, back to torch's layout: dst[r * K + k] = src[k * R + perm[r]].
 template <typename T>
 void unpack_transposed(int64_t R, int64_t K, const T* src, const std::vector<int64_t>& perm, T* dst) {
   constexpr int64_t kTile = 16;

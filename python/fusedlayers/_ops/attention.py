@@ -2,6 +2,8 @@
 
 import torch
 
+from ._common import block_double_backward
+
 _backward_op = torch.ops.fusedlayers.sdpa_backward
 
 
@@ -48,12 +50,7 @@ def _backward(ctx, grad_out, _grad_lse):
 torch.library.register_autograd("fusedlayers::sdpa", _backward, setup_context=_setup_context)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("fusedlayers: the attention backward is not differentiable (no double backward)")
-
-
-torch.library.register_autograd(
-    "fusedlayers::sdpa_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+block_double_backward("fusedlayers::sdpa_backward", "attention")
 
 
 # torch autocasts scaled_dot_product_attention to the lower precision on the CPU.

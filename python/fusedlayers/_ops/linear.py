@@ -2,6 +2,8 @@
 
 import torch
 
+from ._common import block_double_backward
+
 
 @torch.library.register_fake("fusedlayers::linear")
 def _linear_fake(input, weight, bias):
@@ -30,9 +32,4 @@ def _backward(ctx, grad_out):
 torch.library.register_autograd("fusedlayers::linear", _backward, setup_context=_setup_context)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("fusedlayers: the linear backward is not differentiable (no double backward)")
-
-
-torch.library.register_autograd(
-    "fusedlayers::linear_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+block_double_backward("fusedlayers::linear_backward", "linear")

@@ -2,6 +2,8 @@
 
 import torch
 
+from ._common import block_double_backward
+
 _layer = torch.ops.fusedlayers.lstm_layer
 _layer_backward = torch.ops.fusedlayers.lstm_layer_backward
 
@@ -82,12 +84,7 @@ def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells, _grad
 torch.library.register_autograd("fusedlayers::lstm_layer", _backward, setup_context=_setup_context)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("fusedlayers: the LSTM backward is not differentiable (no double backward)")
-
-
-torch.library.register_autograd(
-    "fusedlayers::lstm_layer_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+block_double_backward("fusedlayers::lstm_layer_backward", "LSTM")
 
 
 # Under torch.autocast on the CPU, torch.nn.LSTM runs in the lower precision: so does the fused layer.

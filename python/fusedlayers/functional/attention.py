@@ -79,8 +79,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     stored; causal and banded masks skip the tiles they exclude).
 
     query (..., L, E), key (..., S, E), value (..., S, Ev), any number of leading dims broadcast as torch does.
-    attn_mask: bool (True = may attend) or additive float, broadcastable to (..., L, S); giving it together
-    with is_causal is an error, as in torch's reference path. is_causal is aligned as torch aligns it (query i sees keys 0..i). enable_gqa: key/value may have
+    attn_mask: bool (True = may attend) or additive float, broadcastable to (..., L, S); given together
+    with is_causal, both apply (as in torch's fused CPU path). is_causal is aligned as torch aligns it (query i sees keys 0..i). enable_gqa: key/value may have
     fewer heads (dim -3) than query, dividing them. dropout is drawn from torch's default generator.
 
     window=(left, right): an extra keyword: query i sees only keys i-left .. i+right (None = unbounded), as in
@@ -90,16 +90,19 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     gradients are zero.
     """
     _check_inputs(query, key, value, attn_mask, dropout_p)
-    if attn_mask is not None and is_causal:
-        # torch's reference (math) path rejects this combination; its fused CPU path silently ANDs the two.
-        raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
+    # attn_mask together with is_causal: both apply (AND-ed), as torch's fused CPU path does for 4-D inputs (its
+    # math path, taken for other ranks, GQA or dropout, rejects the combination instead).
     left, right = _window_bounds(window)
     q_len, e = query.shape[-2], query.shape[-1]
     s_len, ev = key.shape[-2], value.shape[-1]
     if enable_gqa and query.dim() >= 3 and key.dim() >= 3:
-        hq, hk = query.shape[-3], key.shape[-3]
-        if hk == 0 or hq % hk != 0 or value.shape[-3] != hk:
+        hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
+        if hk == 0 or hv == 0 or hq % hk != 0 or hq % hv != 0:
             raise RuntimeError("Number of heads in key and value must divide the number of heads in query")
+        if hk != hv:  # torch repeats key and value separately: bring both to lcm(hk, hv) heads (divides hq)
+            heads = math.lcm(hk, hv)
+            key, value = key.repeat_interleave(heads // hk, -3), value.repeat_interleave(heads // hv, -3)
+            hk = heads
         batch_lead = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
         q_lead, kv_lead = (*batch_lead, hq), (*batch_lead, hk)
     else:
