@@ -177,6 +177,7 @@ void decode_impl(const SdpaForwardArgs<T>& a) {
   const SdpaMasking& m = a.masking;
   const int64_t E = s.head_dim, Ev = s.v_dim, L = s.q_len, S = s.kv_len;
   const int64_t heads = s.batch * s.q_heads;
+  if (heads == 0 || L == 0) return;
   const int threads = num_threads();
   const int64_t splits = heads >= 2 * threads ? 1 : std::max<int64_t>(1, std::min<int64_t>(
       (2 * threads + heads - 1) / heads, (S + kDecodeBlock - 1) / kDecodeBlock));
@@ -245,7 +246,8 @@ void decode_impl(const SdpaForwardArgs<T>& a) {
       }
       const T inv = total > T(0) ? T(1) / total : T(0);
       for (int64_t c = 0; c < Ev; ++c) out[c] *= inv;
-      a.lse[hr] = total > T(0) ? best + std::log(total) : neg_inf<T>();
+      a.lse[2 * hr] = total > T(0) ? best : neg_inf<T>();
+      a.lse[2 * hr + 1] = total > T(0) ? std::log(total) : T(0);
     }
   });
 }
@@ -326,12 +328,13 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
              true);
       }
       T* out = a.out + (bh * L + i0) * Ev;
-      T* lse = a.lse + bh * L + i0;
+      T* lse = a.lse + 2 * (bh * L + i0);
       for (int64_t r = 0; r < rows; ++r) {
         const bool empty = row_sum[r] == T(0);
         const T inv = empty ? T(0) : T(1) / row_sum[r];
         for (int64_t c = 0; c < Ev; ++c) out[r * Ev + c] = acc[r * Ev + c] * inv;
-        lse[r] = empty ? neg_inf<T>() : row_max_v[r] + std::log(row_sum[r]);
+        lse[2 * r] = empty ? neg_inf<T>() : row_max_v[r];
+        lse[2 * r + 1] = empty ? T(0) : std::log(row_sum[r]);
       }
     }
   });
@@ -342,6 +345,7 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
   const SdpaSizes& s = a.sizes;
   const SdpaMasking& m = a.masking;
   const int64_t E = s.head_dim, Ev = s.v_dim, L = s.q_len, S = s.kv_len;
+  if (s.kv_heads == 0) return;  // no heads: nothing to differentiate
   const int64_t group = s.q_heads / s.kv_heads;
   const T scale = static_cast<T>(a.scale);
   const bool dropout = m.dropout_p > 0;
@@ -405,16 +409,18 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
           for (int64_t i0 = (std::max<int64_t>(i_lo, 0) / kQueryTile) * kQueryTile; i0 <= i_hi; i0 += kQueryTile) {
             const int64_t rows = std::min(kQueryTile, L - i0);
             const T* grad_out = a.grad_out + (bh * L + i0) * Ev;
-            const T* lse = a.lse + bh * L + i0;
-            // P = exp(scores - lse), recomputed.
+            const T* lse = a.lse + 2 * (bh * L + i0);
+            // P = exp((scores - max) - log sum), recomputed; two terms, as one log-sum-exp number would lose
+            // the sum under a huge additive mask (-1e9 padding).
             gemm(rows, cols, E, q_scaled.data() + i0 * E, E, key_t.data(), cols, probs.data(), kKeyTile, false);
             finish_scores(probs.data(), kKeyTile, rows, cols, i0, j0, b, h, s, m, T(1));
             for (int64_t r = 0; r < rows; ++r) {
               T* p = probs.data() + r * kKeyTile;
-              if (lse[r] == neg_inf<T>()) {
+              if (lse[2 * r] == neg_inf<T>()) {
                 std::fill(p, p + cols, T(0));
               } else {
-                exp_shifted(p, cols, lse[r]);
+                for (int64_t c = 0; c < cols; ++c) p[c] -= lse[2 * r];
+                exp_shifted(p, cols, lse[2 * r + 1]);
               }
             }
             // dV^T += dO^T (P with dropout)

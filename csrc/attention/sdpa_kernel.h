@@ -46,7 +46,9 @@ struct SdpaInputs {
 template <typename T>
 struct SdpaForwardArgs : SdpaInputs<T> {
   T* out = nullptr;  // [batch, q_heads, q_len, v_dim], contiguous
-  T* lse = nullptr;  // [batch, q_heads, q_len]: log-sum-exp of each row's scores (-inf: row attends nothing)
+  // [batch, q_heads, q_len, 2]: each row's score maximum and the log of its sum of exp(score - maximum), kept
+  // apart so the backward can rebuild probabilities exactly (maximum -inf: the row attends to nothing).
+  T* lse = nullptr;
 };
 
 template <typename T>

@@ -62,7 +62,7 @@ Prepared prepare(const Tensor& query, const Tensor& key, const Tensor& value, co
   TORCH_CHECK(value.size(1) == s.kv_heads && value.size(2) == s.kv_len,
               "scaled_dot_product_attention: value must have key's heads and length, got ", value.sizes(),
               " for key ", key.sizes());
-  TORCH_CHECK(s.kv_heads > 0 && s.q_heads % s.kv_heads == 0,
+  TORCH_CHECK((s.q_heads == 0 && s.kv_heads == 0) || (s.kv_heads > 0 && s.q_heads % s.kv_heads == 0),
               "scaled_dot_product_attention: the number of query heads (", s.q_heads,
               ") must be a multiple of the number of key/value heads (", s.kv_heads, ")");
   TORCH_CHECK(dropout_p >= 0 && dropout_p <= 1, "scaled_dot_product_attention: dropout_p must be in [0, 1], got ",
@@ -126,7 +126,7 @@ std::tuple<Tensor, Tensor> sdpa_cpu(const Tensor& query, const Tensor& key, cons
   Prepared p = prepare(query, key, value, attn_mask, dropout_p, window_left, window_right);
   const SdpaSizes& s = p.sizes;
   Tensor out = at::empty({s.batch, s.q_heads, s.q_len, s.v_dim}, p.q.options());
-  Tensor lse = at::empty({s.batch, s.q_heads, s.q_len}, p.q.options());
+  Tensor lse = at::empty({s.batch, s.q_heads, s.q_len, 2}, p.q.options());
   AT_DISPATCH_FLOATING_TYPES(p.q.scalar_type(), "sdpa_forward", [&] {
     SdpaForwardArgs<scalar_t> a;
     fill_inputs<scalar_t>(a, p, is_causal, window_left, window_right, dropout_p, seed, scale);
@@ -147,7 +147,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sdpa_backward_cpu(
   TORCH_CHECK(out.sizes() == at::IntArrayRef({s.batch, s.q_heads, s.q_len, s.v_dim}) &&
                   grad_out.sizes() == out.sizes(),
               "sdpa_backward: out and grad_out must have shape [batch, q_heads, q_len, v_dim]");
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.batch, s.q_heads, s.q_len}) && lse.scalar_type() == ct,
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.batch, s.q_heads, s.q_len, 2}) && lse.scalar_type() == ct,
               "sdpa_backward: lse must come from the forward op");
   const Tensor go = grad_out.to(ct).contiguous(), o = out.to(ct).contiguous(), l = lse.contiguous();
   Tensor grad_q = at::empty({s.batch, s.q_heads, s.q_len, s.head_dim}, p.q.options());
@@ -178,7 +178,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sdpa_backward_cpu(
 
 TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   // Inputs are [batch, heads, length, features]; attn_mask (bool, or additive in the query's dtype) is already
-  // broadcast to [batch, q_heads, q_len, kv_len]. Returns the output and each row's log-sum-exp (compute type).
+  // broadcast to [batch, q_heads, q_len, kv_len]. Returns the output and, per row, the score maximum and the log
+  // of the sum of exponentials (compute type, [batch, q_heads, q_len, 2]) for the backward.
   m.def(
       "sdpa(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, bool is_causal, "
       "float scale, int window_left, int window_right, int seed) -> (Tensor, Tensor)");

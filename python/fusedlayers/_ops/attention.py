@@ -17,7 +17,7 @@ def _sdpa_fake(query, key, value, attn_mask, dropout_p, is_causal, scale, window
                  lambda: "sdpa: query, key and value must be 4-D")
     batch, heads, q_len, _ = query.shape
     out = query.new_empty(batch, heads, q_len, value.shape[-1])
-    lse = query.new_empty(batch, heads, q_len, dtype=_compute_dtype(query.dtype))
+    lse = query.new_empty(batch, heads, q_len, 2, dtype=_compute_dtype(query.dtype))
     return out, lse
 
 

@@ -26,7 +26,7 @@ def _check_inputs(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor |
             f"{query.device} key.device: {key.device} and value.device: {value.device} instead.")
     if not query.is_floating_point():
         raise RuntimeError(f"expected scalar type Float but found {_short(query.dtype).capitalize()}")
-    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
         raise RuntimeError(
             "Expected attn_mask dtype to be bool or float or to match query dtype, but got attn_mask.dtype: "
             f"{_short(attn_mask.dtype)} and  query.dtype: {_short(query.dtype)} instead.")
@@ -68,7 +68,7 @@ def _as_batch_heads(t: Tensor, lead: tuple[int, ...], length: int, features: int
     t = t.expand(*lead, length, features)
     if len(lead) == 0:
         return t.reshape(1, 1, length, features)
-    return t.reshape(-1, lead[-1], length, features)
+    return t.reshape(math.prod(lead[:-1]), lead[-1], length, features)  # not -1: ambiguous when t is empty
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
@@ -112,6 +112,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     v4 = _as_batch_heads(value, kv_lead, s_len, ev)
     mask4 = None
     if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            attn_mask = attn_mask.to(query.dtype)  # torch accepts a float32 mask with any query dtype
         mask4 = _as_batch_heads(attn_mask, q_lead, q_len, s_len)
     scale_value = float(scale) if scale is not None else 1.0 / math.sqrt(e) if e > 0 else 1.0
     seed = 0
