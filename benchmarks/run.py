@@ -82,7 +82,7 @@ def save_chart(rows: list[dict], path: str) -> None:
 
     labels = [f"{r['family']}: {r['case']} {r['size']} {r['dtype']} {r['threads']}t" for r in rows]
     values = [r["speedup"] for r in rows]
-    fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.5))
+    fig, ax = plt.subplots(figsize=(12, 0.32 * len(rows) + 1.5))
     colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
     ax.barh(range(len(rows)), values, color=colors)
     ax.axvline(1.0, color="black", linewidth=0.8)
