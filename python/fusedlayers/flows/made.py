@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
+from ..functional.linear import linear  # the GEMM engine (float32/float64 CPU; torch's F.linear otherwise)
+
 
 def input_degrees(features: int) -> Tensor:
     return torch.arange(1, features + 1)
@@ -57,7 +59,7 @@ class MaskedLinear(nn.Linear):
         self.register_buffer("degrees", out_degrees)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
+        return linear(x, self.weight * self.mask, self.bias)
 
 
 
