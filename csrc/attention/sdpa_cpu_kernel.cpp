@@ -367,96 +367,108 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
   const int64_t heads = s.batch * s.kv_heads;
   const int threads = num_threads();
   // With enough heads each thread owns whole heads and writes dQ directly; otherwise key tiles are shared out
-  // and each thread accumulates dQ in a buffer of its own.
+  // and each group of items accumulates dQ in a buffer of its own.
   const bool split_keys = heads < 2 * threads && k_tiles > 1;
   std::vector<T> private_dq(split_keys ? size_t(threads) * total_rows * E : 0, T(0));
   if (!split_keys) std::fill(a.grad_q, a.grad_q + total_rows * E, T(0));
   const int64_t items = split_keys ? heads * k_tiles : heads;
 
-  parallel_for(items, 1, [&](int64_t begin, int64_t end) {
-    // Per tile pair everything is a GEMM on untransposed tiles: dV^T += dO^T P and dK^T += Q^T dS use the
-    // queries and output gradients transposed once per head (q_t, grad_out_t), not a transpose per tile.
-    std::vector<T> key_t(E * kKeyTile), value_t(Ev * kKeyTile), probs(kQueryTile * kKeyTile),
-        dprobs(kQueryTile * kKeyTile),
-        dk_t(E * kKeyTile), dv_t(Ev * kKeyTile), q_scaled(L * E), q_t(E * L), grad_out_t(Ev * L);
-    T* dq_base = split_keys ? private_dq.data() + size_t(thread_index()) * total_rows * E : a.grad_q;
-    int64_t prepared_head = -1;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t head = split_keys ? item / k_tiles : item;
-      const int64_t tile_begin = split_keys ? item % k_tiles : 0, tile_end = split_keys ? tile_begin + 1 : k_tiles;
-      const int64_t b = head / s.kv_heads, kvh = head % s.kv_heads;
-      const T* k = a.k + b * a.k_strides.batch + kvh * a.k_strides.head;
-      const T* v = a.v + b * a.v_strides.batch + kvh * a.v_strides.head;
-      for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-        const int64_t j0 = tile * kKeyTile, cols = std::min(kKeyTile, S - j0);
-        transpose_tile(k + j0 * a.k_strides.row, a.k_strides.row, cols, E, key_t.data(), cols);
-        transpose_tile(v + j0 * a.v_strides.row, a.v_strides.row, cols, Ev, value_t.data(), cols);
-        std::fill(dk_t.begin(), dk_t.end(), T(0));
-        std::fill(dv_t.begin(), dv_t.end(), T(0));
-        int64_t i_lo, i_hi;
-        queries_seeing(j0, j0 + cols, s, m, i_lo, i_hi);
-        for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
-          const int64_t bh = b * s.q_heads + h;
-          const T* q_head = a.q + b * a.q_strides.batch + h * a.q_strides.head;
-          if (i_lo > i_hi) continue;
-          if (prepared_head != bh) {  // this head's queries (scaled, and transposed) and dO transposed
-            for (int64_t i = 0; i < L; ++i)
-              for (int64_t c = 0; c < E; ++c) q_scaled[i * E + c] = q_head[i * a.q_strides.row + c] * scale;
-            transpose_copy(L, E, q_head, a.q_strides.row, q_t.data(), L);
-            transpose_copy(L, Ev, a.grad_out + bh * L * Ev, Ev, grad_out_t.data(), L);
-            prepared_head = bh;
-          }
-          for (int64_t i0 = (std::max<int64_t>(i_lo, 0) / kQueryTile) * kQueryTile; i0 <= i_hi; i0 += kQueryTile) {
-            const int64_t rows = std::min(kQueryTile, L - i0);
-            const T* grad_out = a.grad_out + (bh * L + i0) * Ev;
-            const T* lse = a.lse + 2 * (bh * L + i0);
-            // P = exp((scores - max) - log sum), recomputed; two terms, as one log-sum-exp number would lose
-            // the sum under a huge additive mask (-1e9 padding).
-            gemm(rows, cols, E, q_scaled.data() + i0 * E, E, key_t.data(), cols, probs.data(), kKeyTile, false);
-            finish_scores(probs.data(), kKeyTile, rows, cols, i0, j0, b, h, s, m, T(1));
-            for (int64_t r = 0; r < rows; ++r) {
-              T* p = probs.data() + r * kKeyTile;
-              if (lse[2 * r] == neg_inf<T>()) {
-                std::fill(p, p + cols, T(0));
-              } else {
-                for (int64_t c = 0; c < cols; ++c) p[c] -= lse[2 * r];
-                exp_shifted(p, cols, lse[2 * r + 1]);
-              }
+  // Work is dealt out as `threads` groups of items, and each group owns one dQ buffer in split mode: the buffer
+  // follows the group, not the thread id, so it stays private even if a nested call runs the groups inline.
+  const int64_t groups = split_keys ? threads : items;
+  parallel_for(groups, 1, [&](int64_t group_begin, int64_t group_end) {
+    for (int64_t group_index = group_begin; group_index < group_end; ++group_index) {
+      int64_t begin, end;
+      if (split_keys) {
+        split_range(items, groups, group_index, begin, end);
+      } else {
+        begin = group_index;
+        end = group_index + 1;
+      }
+      // Per tile pair everything is a GEMM on untransposed tiles: dV^T += dO^T P and dK^T += Q^T dS use the
+      // queries and output gradients transposed once per head (q_t, grad_out_t), not a transpose per tile.
+      std::vector<T> key_t(E * kKeyTile), value_t(Ev * kKeyTile), probs(kQueryTile * kKeyTile),
+          dprobs(kQueryTile * kKeyTile),
+          dk_t(E * kKeyTile), dv_t(Ev * kKeyTile), q_scaled(L * E), q_t(E * L), grad_out_t(Ev * L);
+      T* dq_base = split_keys ? private_dq.data() + size_t(group_index) * total_rows * E : a.grad_q;
+      int64_t prepared_head = -1;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t head = split_keys ? item / k_tiles : item;
+        const int64_t tile_begin = split_keys ? item % k_tiles : 0, tile_end = split_keys ? tile_begin + 1 : k_tiles;
+        const int64_t b = head / s.kv_heads, kvh = head % s.kv_heads;
+        const T* k = a.k + b * a.k_strides.batch + kvh * a.k_strides.head;
+        const T* v = a.v + b * a.v_strides.batch + kvh * a.v_strides.head;
+        for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+          const int64_t j0 = tile * kKeyTile, cols = std::min(kKeyTile, S - j0);
+          transpose_tile(k + j0 * a.k_strides.row, a.k_strides.row, cols, E, key_t.data(), cols);
+          transpose_tile(v + j0 * a.v_strides.row, a.v_strides.row, cols, Ev, value_t.data(), cols);
+          std::fill(dk_t.begin(), dk_t.end(), T(0));
+          std::fill(dv_t.begin(), dv_t.end(), T(0));
+          int64_t i_lo, i_hi;
+          queries_seeing(j0, j0 + cols, s, m, i_lo, i_hi);
+          for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+            const int64_t bh = b * s.q_heads + h;
+            const T* q_head = a.q + b * a.q_strides.batch + h * a.q_strides.head;
+            if (i_lo > i_hi) continue;
+            if (prepared_head != bh) {  // this head's queries (scaled, and transposed) and dO transposed
+              for (int64_t i = 0; i < L; ++i)
+                for (int64_t c = 0; c < E; ++c) q_scaled[i * E + c] = q_head[i * a.q_strides.row + c] * scale;
+              transpose_copy(L, E, q_head, a.q_strides.row, q_t.data(), L);
+              transpose_copy(L, Ev, a.grad_out + bh * L * Ev, Ev, grad_out_t.data(), L);
+              prepared_head = bh;
             }
-            // dV^T += dO^T (P with dropout)
-            const T* kept = probs.data();
-            if (dropout) {
+            for (int64_t i0 = (std::max<int64_t>(i_lo, 0) / kQueryTile) * kQueryTile; i0 <= i_hi; i0 += kQueryTile) {
+              const int64_t rows = std::min(kQueryTile, L - i0);
+              const T* grad_out = a.grad_out + (bh * L + i0) * Ev;
+              const T* lse = a.lse + 2 * (bh * L + i0);
+              // P = exp((scores - max) - log sum), recomputed; two terms, as one log-sum-exp number would lose
+              // the sum under a huge additive mask (-1e9 padding).
+              gemm(rows, cols, E, q_scaled.data() + i0 * E, E, key_t.data(), cols, probs.data(), kKeyTile, false);
+              finish_scores(probs.data(), kKeyTile, rows, cols, i0, j0, b, h, s, m, T(1));
               for (int64_t r = 0; r < rows; ++r) {
-                T* pd = dprobs.data() + r * kKeyTile;
-                std::copy(probs.data() + r * kKeyTile, probs.data() + r * kKeyTile + cols, pd);
-                apply_dropout(pd, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
+                T* p = probs.data() + r * kKeyTile;
+                if (lse[2 * r] == neg_inf<T>()) {
+                  std::fill(p, p + cols, T(0));
+                } else {
+                  for (int64_t c = 0; c < cols; ++c) p[c] -= lse[2 * r];
+                  exp_shifted(p, cols, lse[2 * r + 1]);
+                }
               }
-              kept = dprobs.data();
+              // dV^T += dO^T (P with dropout)
+              const T* kept = probs.data();
+              if (dropout) {
+                for (int64_t r = 0; r < rows; ++r) {
+                  T* pd = dprobs.data() + r * kKeyTile;
+                  std::copy(probs.data() + r * kKeyTile, probs.data() + r * kKeyTile + cols, pd);
+                  apply_dropout(pd, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
+                }
+                kept = dprobs.data();
+              }
+              gemm(Ev, cols, rows, grad_out_t.data() + i0, L, kept, kKeyTile, dv_t.data(), cols, true);
+              // dP = dO V^T (through the dropout mask), dS = P * (dP - D)
+              gemm(rows, cols, Ev, grad_out, Ev, value_t.data(), cols, dprobs.data(), kKeyTile, false);
+              for (int64_t r = 0; r < rows; ++r) {
+                const T* p = probs.data() + r * kKeyTile;
+                T* ds = dprobs.data() + r * kKeyTile;
+                if (dropout)
+                  apply_dropout(ds, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
+                const T d = row_dot[bh * L + i0 + r];
+                for (int64_t c = 0; c < cols; ++c) ds[c] = p[c] * (ds[c] - d);
+                if (a.grad_mask != nullptr)
+                  std::copy(ds, ds + cols, a.grad_mask + (bh * L + i0 + r) * S + j0);
+              }
+              // dQ += dS K and dK^T += Q^T dS, both without the scale (applied once at the end)
+              gemm(rows, E, cols, dprobs.data(), kKeyTile, k + j0 * a.k_strides.row, a.k_strides.row,
+                   dq_base + (bh * L + i0) * E, E, true);
+              gemm(E, cols, rows, q_t.data() + i0, L, dprobs.data(), kKeyTile, dk_t.data(), cols, true);
             }
-            gemm(Ev, cols, rows, grad_out_t.data() + i0, L, kept, kKeyTile, dv_t.data(), cols, true);
-            // dP = dO V^T (through the dropout mask), dS = P * (dP - D)
-            gemm(rows, cols, Ev, grad_out, Ev, value_t.data(), cols, dprobs.data(), kKeyTile, false);
-            for (int64_t r = 0; r < rows; ++r) {
-              const T* p = probs.data() + r * kKeyTile;
-              T* ds = dprobs.data() + r * kKeyTile;
-              if (dropout)
-                apply_dropout(ds, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
-              const T d = row_dot[bh * L + i0 + r];
-              for (int64_t c = 0; c < cols; ++c) ds[c] = p[c] * (ds[c] - d);
-              if (a.grad_mask != nullptr)
-                std::copy(ds, ds + cols, a.grad_mask + (bh * L + i0 + r) * S + j0);
-            }
-            // dQ += dS K and dK^T += Q^T dS, both without the scale (applied once at the end)
-            gemm(rows, E, cols, dprobs.data(), kKeyTile, k + j0 * a.k_strides.row, a.k_strides.row,
-                 dq_base + (bh * L + i0) * E, E, true);
-            gemm(E, cols, rows, q_t.data() + i0, L, dprobs.data(), kKeyTile, dk_t.data(), cols, true);
           }
-        }
-        T* grad_k = a.grad_k + (head * S + j0) * E;
-        T* grad_v = a.grad_v + (head * S + j0) * Ev;
-        for (int64_t c = 0; c < cols; ++c) {
-          for (int64_t e = 0; e < E; ++e) grad_k[c * E + e] = dk_t[e * cols + c] * scale;
-          for (int64_t e = 0; e < Ev; ++e) grad_v[c * Ev + e] = dv_t[e * cols + c];
+          T* grad_k = a.grad_k + (head * S + j0) * E;
+          T* grad_v = a.grad_v + (head * S + j0) * Ev;
+          for (int64_t c = 0; c < cols; ++c) {
+            for (int64_t e = 0; e < E; ++e) grad_k[c * E + e] = dk_t[e * cols + c] * scale;
+            for (int64_t e = 0; e < Ev; ++e) grad_v[c * Ev + e] = dv_t[e * cols + c];
+          }
         }
       }
     }

@@ -5,7 +5,6 @@
 namespace fl {
 
 int num_threads() { return at::get_num_threads(); }
-int thread_index() { return at::get_thread_num(); }
 
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;

@@ -8,8 +8,6 @@
 namespace fl {
 
 int num_threads();
-// Index of the calling thread inside a parallel_for (0 outside one), below num_threads().
-int thread_index();
 
 // Calls fn(begin, end) on disjoint chunks covering [0, n), on up to num_threads() threads, each chunk at least
 // `grain` long (so small loops stay on one thread). Runs inline when already inside a parallel region.
