@@ -86,4 +86,31 @@ def cases(sizes: str, dtype: str) -> list[Case]:
         _sdpa_make((1, 8, 1, 64), (1, 8, 16384, 64), dt), goal=">= 80% of read bandwidth")
     add("MultiheadAttention", "B=16 L=256 E=512 8 heads", 2 * 16 * 256 * 512 * 512 * 4 + _flops(16, 8, 256, 256, 64),
         _mha_make(16, 256, 512, 8, dt), goal=">= 80% of peak", reference="nn.MultiheadAttention")
-    return out
+    return out + layer_cases(sizes, dtype)
+
+
+def _sagan_make(b, channels, size, dtype):
+    def make():
+        ours = fusedlayers.nn.SelfAttention2d(channels).to(dtype)
+        with torch.no_grad():
+            ours.gamma.fill_(0.5)
+        x = torch.randn(b, channels, size, size, dtype=dtype)
+
+        def naive():  # the paper's formula, as users write it: the full attention map is built
+            f = F.conv2d(x, ours.f.weight, ours.f.bias).flatten(2)
+            g = F.conv2d(x, ours.g.weight, ours.g.bias).flatten(2)
+            h = F.conv2d(x, ours.h.weight, ours.h.bias).flatten(2)
+            beta = torch.softmax(f.transpose(1, 2) @ g, dim=-1)
+            return ours.gamma * (beta @ h.transpose(1, 2)).transpose(1, 2).reshape(x.shape) + x
+        return naive, (lambda: ours(x))
+    return make
+
+
+def layer_cases(sizes: str, dtype: str) -> list[Case]:
+    """The classic attention layers against the naive torch formulas (issue: classic attention layers)."""
+    if sizes == "quick" or dtype != "float32":
+        return []
+    n = 32 * 32
+    flops = 8.0 * n * n * 8 + 4.0 * n * n * 64  # f.g scores (8 channels) and the weighted sum (64 channels)
+    return [Case("attention", "SelfAttention2d", "B=8 C=64 32x32", 8 * flops, _sagan_make(8, 64, 32, torch.float32),
+                 reference="naive formula", goal="<= 0.5x the naive formula")]
