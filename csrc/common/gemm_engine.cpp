@@ -184,8 +184,16 @@ template <typename T>
 void tiled_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                     int64_t ldc, bool accumulate) {
   if (M <= 0 || N <= 0) return;
-  // Tiles big enough to keep the micro-kernel at full speed, and enough of them to share among threads.
-  const int64_t tile_m = 4 * kTileM, tile_n = 4 * kTileN;
+  // Tiles big enough to keep the micro-kernel at full speed, and enough of them to share among threads: large
+  // tiles are halved (down to one micro-kernel tile) until every thread has at least two.
+  int64_t tile_m = 4 * kTileM, tile_n = 4 * kTileN;
+  const int64_t wanted = 2 * static_cast<int64_t>(num_threads());
+  auto count = [&] { return ((M + tile_m - 1) / tile_m) * ((N + tile_n - 1) / tile_n); };
+  while (count() < wanted && (tile_m > kTileM || tile_n > kTileN)) {
+    if (tile_m >= tile_n && tile_m > kTileM) tile_m /= 2;
+    else if (tile_n > kTileN) tile_n /= 2;
+    else tile_m /= 2;
+  }
   const int64_t tiles_m = (M + tile_m - 1) / tile_m, tiles_n = (N + tile_n - 1) / tile_n;
   const int64_t flops_per_tile = 2 * std::min(tile_m, M) * std::min(tile_n, N) * std::max<int64_t>(K, 1);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(flops_per_tile, 1));

@@ -80,20 +80,23 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_out, c
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_backward", [&] {
     using T = scalar_t;
     gemm_parallel(M, K, N, g.data_ptr<T>(), N, w.data_ptr<T>(), K, grad_input.data_ptr<T>(), K, false);
-    Tensor g_t = at::empty({N, M}, x.options());
+    // g transposed, rows padded off multiples of 512 bytes: at a 4 KiB stride every row of a transposed tile
+    // would land in the same cache set.
+    const int64_t ld = (M * int64_t(sizeof(T))) % 512 == 0 ? M + 64 / int64_t(sizeof(T)) : M;
+    Tensor g_t = at::empty({N, ld}, x.options());
     constexpr int64_t kCols = 64;
     parallel_for((N + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
       const int64_t c0 = begin * kCols, c1 = std::min(N, end * kCols);
-      transpose_copy(M, c1 - c0, g.data_ptr<T>() + c0, N, g_t.data_ptr<T>() + c0 * M, M);
+      transpose_copy(M, c1 - c0, g.data_ptr<T>() + c0, N, g_t.data_ptr<T>() + c0 * ld, ld);
     });
-    gemm_parallel(N, K, M, g_t.data_ptr<T>(), M, x.data_ptr<T>(), K, grad_weight.data_ptr<T>(), K, false);
+    gemm_parallel(N, K, M, g_t.data_ptr<T>(), ld, x.data_ptr<T>(), K, grad_weight.data_ptr<T>(), K, false);
     if (bias_grad) {
       const T* gt = g_t.data_ptr<T>();
       T* gb = grad_bias.data_ptr<T>();
       parallel_for(N, 16, [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n) {
           T acc = 0;
-          for (int64_t m = 0; m < M; ++m) acc += gt[n * M + m];
+          for (int64_t m = 0; m < M; ++m) acc += gt[n * ld + m];
           gb[n] = acc;
         }
       });

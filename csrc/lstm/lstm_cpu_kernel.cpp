@@ -404,9 +404,11 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
   const T* grad_gates = a.gates;
   gemm_parallel(N, I, G4, grad_gates, LG, w_ih_p.data(), LI, a.grad_input, I, false);
 
-  std::vector<T> left(std::max(I, P) * N), product(std::max(I, P) * G4);
-  transpose_parallel(N, I, a.input, I, left.data(), N);
-  gemm_parallel(I, G4, N, left.data(), N, grad_gates, LG, product.data(), G4, false);
+  // Transposed operands [features x N], rows padded (see padded_stride).
+  const int64_t LN = padded_stride<T>(N);
+  std::vector<T> left(std::max(I, P) * LN), product(std::max(I, P) * G4);
+  transpose_parallel(N, I, a.input, I, left.data(), LN);
+  gemm_parallel(I, G4, N, left.data(), LN, grad_gates, LG, product.data(), G4, false);
   unpack_transposed(G4, I, product.data(), perm, a.grad_w_ih);
 
   // The left operand of W_hh's gradient: h_{t-1} of every row (h0 where a sequence starts), transposed.
@@ -415,11 +417,11 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
       const int64_t tp = s.reverse ? t + 1 : t - 1;
       const int64_t n_prev = (tp >= 0 && tp < s.steps) ? steps.batch[tp] : 0;
       const int64_t n = steps.batch[t], m = std::min(n, n_prev);
-      if (m > 0) transpose_copy(m, P, a.output + steps.offset[tp] * P, P, left.data() + steps.offset[t], N);
-      if (n > m) transpose_copy(n - m, P, a.h0 + m * P, P, left.data() + steps.offset[t] + m, N);
+      if (m > 0) transpose_copy(m, P, a.output + steps.offset[tp] * P, P, left.data() + steps.offset[t], LN);
+      if (n > m) transpose_copy(n - m, P, a.h0 + m * P, P, left.data() + steps.offset[t] + m, LN);
     }
   });
-  gemm_parallel(P, G4, N, left.data(), N, grad_gates, LG, product.data(), G4, false);
+  gemm_parallel(P, G4, N, left.data(), LN, grad_gates, LG, product.data(), G4, false);
   unpack_transposed(G4, P, product.data(), perm, a.grad_w_hh);
 
   if (a.grad_bias != nullptr) {
@@ -435,8 +437,8 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
     for (int64_t r = 0; r < G4; ++r) a.grad_bias[r] = sums[perm[r]];
   }
   if (s.has_proj) {
-    transpose_parallel(N, P, grad_out_all.data(), P, left.data(), N);
-    gemm_parallel(P, H, N, left.data(), N, a.raw_hidden, H, a.grad_w_hr, H, false);
+    transpose_parallel(N, P, grad_out_all.data(), P, left.data(), LN);
+    gemm_parallel(P, H, N, left.data(), LN, a.raw_hidden, H, a.grad_w_hr, H, false);
   }
 }
 
