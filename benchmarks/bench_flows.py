@@ -45,25 +45,19 @@ def _faster(*fns):
     return best
 
 
-def _maf_forward(d, hidden, n):
+def _maf_direction(d, hidden, n, inverse: bool):
+    """Forward with log-det (density) or inverse (sampling) of one MAF layer."""
     def make():
         ref, ours = _pair(d, hidden)
         zuko_t = _zuko_maf(d, hidden)().transform
+        if inverse:
+            ref_fn, ours_fn, zuko_fn = ref.inverse, ours.inverse, zuko_t.inv.call_and_ladj
+        else:
+            ref_fn, ours_fn, zuko_fn = ref, ours, zuko_t.call_and_ladj
         x = torch.randn(n, d)
         with torch.no_grad():
-            reference = _faster(lambda: ref(x), lambda: zuko_t.call_and_ladj(x))
-        return reference, (lambda: ours(x))
-    return make
-
-
-def _maf_inverse(d, hidden, n):
-    def make():
-        ref, ours = _pair(d, hidden)
-        zuko_t = _zuko_maf(d, hidden)().transform
-        u = torch.randn(n, d)
-        with torch.no_grad():
-            reference = _faster(lambda: ref.inverse(u), lambda: zuko_t.inv.call_and_ladj(u))
-        return reference, (lambda: ours.inverse(u))
+            reference = _faster(lambda: ref_fn(x), lambda: zuko_fn(x))
+        return reference, (lambda: ours_fn(x))
     return make
 
 
@@ -92,12 +86,12 @@ def cases(sizes: str, dtype: str) -> list[Case]:
         out.append(Case("flows", name, size, 0.0, make, reference="fastest of nflows, zuko", goal=goal, grad=grad))
 
     if sizes == "quick":
-        add("MAF forward + log-det", "D=8 hidden 32 N=256", _maf_forward(8, 32, 256), "")
-        add("MAF inverse (sampling)", "D=8 hidden 32 N=256", _maf_inverse(8, 32, 256), "")
+        add("MAF forward + log-det", "D=8 hidden 32 N=256", _maf_direction(8, 32, 256, inverse=False), "")
+        add("MAF inverse (sampling)", "D=8 hidden 32 N=256", _maf_direction(8, 32, 256, inverse=True), "")
         return out
-    add("MAF forward + log-det", "D=64 hidden 256x2 N=1024", _maf_forward(64, 256, 1024), "<= 0.33x")
-    add("MAF inverse (sampling)", "D=64 hidden 256x2 N=1024", _maf_inverse(64, 256, 1024), "<= 0.05x")
+    add("MAF forward + log-det", "D=64 hidden 256x2 N=1024", _maf_direction(64, 256, 1024, inverse=False), "<= 0.33x")
+    add("MAF inverse (sampling)", "D=64 hidden 256x2 N=1024", _maf_direction(64, 256, 1024, inverse=True), "<= 0.05x")
     add("MAF training step", "D=64 hidden 256x2 N=1024", _maf_training(64, 256, 1024), "<= 0.5x", grad=True)
     for d in (2, 8, 32, 128):
-        add("MAF inverse (sampling)", f"D={d} hidden 256x2 N=1024", _maf_inverse(d, 256, 1024), "grows like forward")
+        add("MAF inverse (sampling)", f"D={d} hidden 256x2 N=1024", _maf_direction(d, 256, 1024, inverse=True), "grows like forward")
     return out
