@@ -50,9 +50,10 @@ def cases(sizes: str, dtype: str) -> list[Case]:
     peak = "bf16" if dtype == "bfloat16" else "fp32"
     out: list[Case] = []
 
-    def add(name, size, flops, make, goal="", grad=False, reference="F.scaled_dot_product_attention"):
+    def add(name, size, flops, make, goal="", grad=False, reference="F.scaled_dot_product_attention",
+            bytes_read=0.0):
         out.append(Case("attention", name, size, flops, make, reference=reference, dtype=dtype, peak_kind=peak,
-                        goal=goal, grad=grad))
+                        goal=goal, grad=grad, bytes_read=bytes_read))
 
     if sizes == "quick":
         add("forward", "B=2 H=4 L=256 D=64", _flops(2, 4, 256, 256, 64),
@@ -83,7 +84,8 @@ def cases(sizes: str, dtype: str) -> list[Case]:
     add("forward 5-D", "(2, 4, 8, 512, 64)", _flops(8, 8, 512, 512, 64),
         _sdpa_make((2, 4, 8, 512, 64), (2, 4, 8, 512, 64), dt), goal="within 5% of the 4-D case")
     add("decoding", "B=1 H=8 L=1 S=16384 D=64", _flops(1, 8, 1, 16384, 64),
-        _sdpa_make((1, 8, 1, 64), (1, 8, 16384, 64), dt), goal=">= 80% of read bandwidth")
+        _sdpa_make((1, 8, 1, 64), (1, 8, 16384, 64), dt), goal=">= 80% of read bandwidth",
+        bytes_read=2.0 * 8 * 16384 * 64 * torch.empty((), dtype=dt).element_size())
     add("MultiheadAttention", "B=16 L=256 E=512 8 heads", 2 * 16 * 256 * 512 * 512 * 4 + _flops(16, 8, 256, 256, 64),
         _mha_make(16, 256, 512, 8, dt), goal=">= 80% of peak", reference="nn.MultiheadAttention")
     return out + layer_cases(sizes, dtype)

@@ -24,6 +24,7 @@ class Case:
     goal: str = ""              # the issue's goal for this case, as text
     grad: bool = False          # runs a backward pass (timed without torch.no_grad)
     threads: int | None = None  # fixed thread count (e.g. 1 for a GEMM block that one thread computes)
+    bytes_read: float = 0.0     # for memory-bound cases: bytes one call must read (compared with read bandwidth)
     extra: dict = field(default_factory=dict)
 
 
@@ -33,6 +34,15 @@ def time_call(fn: Callable[[], object], threads: int, min_run_time: float, grad:
     with torch.set_grad_enabled(grad):
         fn()  # warm-up: JIT kernels, workspaces, lazy init
         return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def measure_read_bandwidth(threads: int, size_mib: int = 512) -> float:
+    """GB/s of a parallel sum over a buffer far larger than the caches (the read bandwidth a memory-bound
+    kernel can hope for)."""
+    data = torch.ones(size_mib * 2**20 // 4)
+    timer = benchmark.Timer(stmt="data.sum()", globals={"data": data}, num_threads=threads)
+    data.sum()
+    return data.numel() * 4 / timer.blocked_autorange(min_run_time=1.0).median / 1e9
 
 
 def cpu_model() -> str:

@@ -21,7 +21,7 @@ import torch
 
 import fusedlayers
 
-from .common import Case, cpu_model, time_call
+from .common import Case, cpu_model, measure_read_bandwidth, time_call
 
 FAMILIES = ["gemm", "lstm", "attention", "flows"]
 
@@ -46,12 +46,16 @@ def run_case(case: Case, threads: int, min_run_time: float, peaks: dict[str, flo
     peak = peaks.get(f"{case.peak_kind}/{threads}")
     gflops = case.flops / ours_s / 1e9 if case.flops else None
     ref_gflops = case.flops / ref_s / 1e9 if case.flops else None
+    bandwidth = peaks.get(f"read GB/s/{threads}")
+    ours_bw = 100 * case.bytes_read / ours_s / 1e9 / bandwidth if case.bytes_read and bandwidth else None
+    ref_bw = 100 * case.bytes_read / ref_s / 1e9 / bandwidth if case.bytes_read and bandwidth else None
     return {
         "family": case.family, "case": case.name, "size": case.size, "dtype": case.dtype, "threads": threads,
         "reference": case.reference, "reference_ms": ref_s * 1e3, "ours_ms": ours_s * 1e3,
         "speedup": ref_s / ours_s, "ours_gflops": gflops, "reference_gflops": ref_gflops,
         "ours_pct_peak": 100 * gflops / peak if gflops and peak else None,
         "reference_pct_peak": 100 * ref_gflops / peak if ref_gflops and peak else None,
+        "ours_pct_bandwidth": ours_bw, "reference_pct_bandwidth": ref_bw,
         "goal": case.goal,
     }
 
@@ -62,9 +66,13 @@ def format_table(rows: list[dict]) -> str:
     lines = [head]
     for r in rows:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        ours_pct, ref_pct = fmt(r["ours_pct_peak"], ".0f"), fmt(r["reference_pct_peak"], ".0f")
+        if r.get("ours_pct_bandwidth") is not None:  # memory-bound: share of the measured read bandwidth
+            ours_pct = fmt(r["ours_pct_bandwidth"], ".0f") + " (bw)"
+            ref_pct = fmt(r["reference_pct_bandwidth"], ".0f") + " (bw)"
         lines.append([r["family"], r["case"], r["size"], r["dtype"], str(r["threads"]), fmt(r["reference_ms"], ".3f"),
                       fmt(r["ours_ms"], ".3f"), fmt(r["speedup"], ".2f") + "x", fmt(r["ours_gflops"], ".0f"),
-                      fmt(r["ours_pct_peak"], ".0f"), fmt(r["reference_pct_peak"], ".0f"), r["goal"]])
+                      ours_pct, ref_pct, r["goal"]])
     widths = [max(len(row[k]) for row in lines) for k in range(len(head))]
     out = []
     for n, row in enumerate(lines):
@@ -115,10 +123,14 @@ def main(argv: list[str] | None = None) -> int:
             cases.extend(module.cases(args.sizes, dtype))
     jobs = [(case, n) for case in cases for n in sorted({case.threads or n for n in args.threads})]
     peaks = measure_peaks(sorted({n for _, n in jobs}), args.dtype, args.peak_seconds)
+    if any(case.bytes_read for case in cases):
+        for n in sorted({n for case, n in jobs if case.bytes_read}):
+            peaks[f"read GB/s/{n}"] = measure_read_bandwidth(n)
     header = (f"fusedlayers {fusedlayers.__version__} | torch {torch.__version__} | {cpu_model()} | "
               f"ISA {fusedlayers._C.isa()} | GEMM {fusedlayers._C.gemm_backend()} | "
               f"{datetime.date.today().isoformat()}\nmeasured peak GFLOP/s: "
-              + ", ".join(f"{k} threads: {v:.0f}" for k, v in peaks.items()))
+              + ", ".join(f"{k} threads: {v:.0f}" for k, v in peaks.items())
+              + ' ("read GB/s": a parallel sum over 512 MiB)')
     rows = []
     for case, n in tqdm(jobs, desc="benchmarks", unit="case", file=sys.stderr):
         rows.append(run_case(case, n, args.min_run_time, peaks))
