@@ -115,4 +115,17 @@ def layer_cases(sizes: str, dtype: str) -> list[Case]:
     n = 32 * 32
     flops = 8.0 * n * n * 8 + 4.0 * n * n * 64  # f.g scores (8 channels) and the weighted sum (64 channels)
     return [Case("attention", "SelfAttention2d", "B=8 C=64 32x32", 8 * flops, _sagan_make(8, 64, 32, torch.float32),
-                 reference="naive formula", goal="<= 0.5x the naive formula")]
+                 reference="naive formula", goal="<= 0.5x the naive formula"),
+            Case("attention", "Luong local-m vs global", "B=32 T=64 S=2048 H=256 D=10", 0.0, _luong_make(),
+                 reference="our global attention", goal="local-p: <= 0.1x global (local-m here)")]
+
+
+def _luong_make(b=32, t=64, s=2048, hidden=256, window=10):
+    def make():
+        torch.manual_seed(0)
+        glob = fusedlayers.nn.LuongAttention(hidden, mode="global")
+        local = fusedlayers.nn.LuongAttention(hidden, mode="local-m", window=window)
+        local.load_state_dict(glob.state_dict())
+        query, source = torch.randn(b, t, hidden), torch.randn(b, s, hidden)
+        return (lambda: glob(query, source)), (lambda: local(query, source))
+    return make

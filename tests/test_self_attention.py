@@ -78,3 +78,59 @@ def test_layers_compile_and_run_in_float32():
     x = torch.randn(2, 16, 8, 8)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), m(x))
+
+
+def naive_luong(m, query, source, source_mask=None):
+    keys = source if m.W_a is None else m.W_a(source)
+    scores = query @ keys.transpose(1, 2)  # [b, t, s]
+    t_len, s_len = query.shape[1], source.shape[1]
+    allowed = torch.ones(t_len, s_len, dtype=torch.bool)
+    if m.mode == "local-m":
+        t = torch.arange(t_len)[:, None]
+        s = torch.arange(s_len)[None, :]
+        allowed = (s >= t - m.window) & (s <= t + m.window)
+    allowed = allowed[None].expand(query.shape[0], t_len, s_len)
+    if source_mask is not None:
+        allowed = allowed & source_mask[:, None, :]
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    context = weights @ source
+    if m.W_c is None:
+        return context, context
+    return torch.tanh(m.W_c(torch.cat([context, query], dim=2))), context
+
+
+@pytest.mark.parametrize("score", ["dot", "general"])
+@pytest.mark.parametrize("mode,window", [("global", 0), ("local-m", 0), ("local-m", 2), ("local-m", 50)])
+@pytest.mark.parametrize("attentional", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_luong_matches_naive_formula(score, mode, window, attentional, masked):
+    torch.manual_seed(0)
+    m = fusedlayers.nn.LuongAttention(6, score=score, mode=mode, window=window, attentional=attentional,
+                                      dtype=torch.float64)
+    query = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
+    source = torch.randn(3, 9, 6, dtype=torch.float64, requires_grad=True)
+    mask = None
+    if masked:
+        mask = torch.rand(3, 9) > 0.3
+        mask[0] = False  # a sequence with no valid source position: zero context
+    out, ctx = m(query, source, mask)
+    ref_out, ref_ctx = naive_luong(m, query, source, mask)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(ctx, ref_ctx, **TOL)
+    params = list(m.parameters())
+    g1 = torch.autograd.grad(out.square().sum(), [query, source, *params])
+    g2 = torch.autograd.grad(ref_out.square().sum(), [query, source, *params])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_luong_bad_arguments():
+    with pytest.raises(ValueError, match="concat is not available"):
+        fusedlayers.nn.LuongAttention(4, score="concat")
+    with pytest.raises(ValueError, match="local-p is not available"):
+        fusedlayers.nn.LuongAttention(4, mode="local-p")
+    m = fusedlayers.nn.LuongAttention(4)
+    with pytest.raises(ValueError, match=r"query must have shape \[batch, length, 4\]"):
+        m(torch.randn(2, 3, 5), torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="source_mask must be a bool tensor"):
+        m(torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.ones(2, 5))

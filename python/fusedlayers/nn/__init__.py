@@ -3,10 +3,10 @@
 from .attention import MultiheadAttention
 from .linear import Linear
 from .lstm import LSTM, LSTMCell
-from .self_attention import AttentionBlock, SelfAttention2d
+from .self_attention import AttentionBlock, LuongAttention, SelfAttention2d
 from .transformer import TransformerDecoderLayer, TransformerEncoderLayer
 
 __all__ = [
-    "AttentionBlock", "LSTM", "LSTMCell", "Linear", "MultiheadAttention", "SelfAttention2d", "TransformerDecoderLayer",
+    "AttentionBlock", "LSTM", "LSTMCell", "Linear", "LuongAttention", "MultiheadAttention", "SelfAttention2d", "TransformerDecoderLayer",
     "TransformerEncoderLayer",
 ]

@@ -77,3 +77,59 @@ class AttentionBlock(nn.Module):
         v = linear(x, self.value.weight, self.value.bias)
         read = scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(self.key_size))
         return torch.cat([x, read], dim=2)
+
+
+class LuongAttention(nn.Module):
+    """Luong et al. (2015) attention of decoder states over encoder states, on the fused attention kernel.
+
+        score(h_t, h_s) = h_t . h_s          ("dot")   or   h_t . (W_a h_s)   ("general")
+        a_t = softmax_s(score)                over every source position ("global"), or only over
+                                                s in [t - D, t + D] ("local-m": monotonic alignment p_t = t)
+        c_t = sum_s a_t(s) h_s
+        out = tanh(W_c [c_t; h_t])            (the attentional hidden state; attentional=False returns c_t)
+
+    forward(query [batch, T, hidden], source [batch, S, hidden], source_mask=None [batch, S], True = may attend)
+    -> (out [batch, T, hidden], context [batch, T, hidden]). A query whose window holds no valid source position
+    gets a zero context. Not available yet: the "concat" score and "local-p" (predicted, Gaussian-weighted
+    windows).
+    """
+
+    def __init__(self, hidden_size: int, score: str = "general", mode: str = "global", window: int = 10,
+                 attentional: bool = True, device=None, dtype=None):
+        super().__init__()
+        if score not in ("dot", "general"):
+            raise ValueError(f"score must be 'dot' or 'general' (concat is not available yet), got {score!r}")
+        if mode not in ("global", "local-m"):
+            raise ValueError(f"mode must be 'global' or 'local-m' (local-p is not available yet), got {mode!r}")
+        if mode == "local-m" and (not isinstance(window, int) or window < 0):
+            raise ValueError(f"window must be an int >= 0 for local attention, got {window!r}")
+        kw = {"device": device, "dtype": dtype}
+        self.hidden_size, self.score, self.mode, self.window = hidden_size, score, mode, window
+        self.attentional = attentional
+        self.W_a = nn.Linear(hidden_size, hidden_size, bias=False, **kw) if score == "general" else None
+        self.W_c = nn.Linear(2 * hidden_size, hidden_size, bias=False, **kw) if attentional else None
+
+    def forward(self, query: Tensor, source: Tensor, source_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        for name, t in (("query", query), ("source", source)):
+            if t.dim() != 3 or t.shape[2] != self.hidden_size:
+                raise ValueError(f"LuongAttention: {name} must have shape [batch, length, {self.hidden_size}], "
+                                 f"got {list(t.shape)}")
+        if query.shape[0] != source.shape[0]:
+            raise ValueError(f"LuongAttention: query and source batch sizes differ ({query.shape[0]} and "
+                             f"{source.shape[0]})")
+        if source_mask is not None and (source_mask.dtype != torch.bool or
+                                        tuple(source_mask.shape) != (source.shape[0], source.shape[1])):
+            raise ValueError(f"LuongAttention: source_mask must be a bool tensor of shape "
+                             f"[{source.shape[0]}, {source.shape[1]}], got {source_mask.dtype} "
+                             f"{list(source_mask.shape)}")
+        if self.mode == "local-m":  # no query sees past position T - 1 + D: project and attend only up to it
+            end = min(source.shape[1], query.shape[1] + self.window)
+            source = source[:, :end]
+            source_mask = source_mask[:, :end] if source_mask is not None else None
+        mask = source_mask[:, None, :] if source_mask is not None else None
+        keys = source if self.W_a is None else linear(source, self.W_a.weight)
+        window = (self.window, self.window) if self.mode == "local-m" else None
+        context = scaled_dot_product_attention(query, keys, source, attn_mask=mask, scale=1.0, window=window)
+        if self.W_c is None:
+            return context, context
+        return torch.tanh(linear(torch.cat([context, query], dim=2), self.W_c.weight)), context
