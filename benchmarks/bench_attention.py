@@ -116,8 +116,22 @@ def layer_cases(sizes: str, dtype: str) -> list[Case]:
     flops = 8.0 * n * n * 8 + 4.0 * n * n * 64  # f.g scores (8 channels) and the weighted sum (64 channels)
     return [Case("attention", "SelfAttention2d", "B=8 C=64 32x32", 8 * flops, _sagan_make(8, 64, 32, torch.float32),
                  reference="naive formula", goal="<= 0.5x the naive formula"),
+            Case("attention", "TransformerEncoderLayer fwd+bwd", "B=16 L=256 d=512 8 heads",
+                 3 * (2 * 16 * 256 * 512 * 512 * 4 + 2 * 2 * 16 * 256 * 512 * 2048 + _flops(16, 8, 256, 256, 64)),
+                 _encoder_make(), reference="nn.TransformerEncoderLayer", goal="<= 0.7x torch's layer", grad=True),
             Case("attention", "Luong local-m vs global", "B=32 T=64 S=2048 H=256 D=10", 0.0, _luong_make(),
                  reference="our global attention", goal="local-p: <= 0.1x global (local-m here)")]
+
+
+def _encoder_make(b=16, length=256, d_model=512, heads=8):
+    def make():
+        torch.manual_seed(0)
+        ref = torch.nn.TransformerEncoderLayer(d_model, heads, batch_first=True, dropout=0.0)
+        ours = fusedlayers.nn.TransformerEncoderLayer(d_model, heads, batch_first=True, dropout=0.0)
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(b, length, d_model, requires_grad=True)
+        return (lambda: ref(x).sum().backward()), (lambda: ours(x).sum().backward())
+    return make
 
 
 def _luong_make(b=32, t=64, s=2048, hidden=256, window=10):
