@@ -141,6 +141,14 @@ int64_t padded_stride(int64_t n) {
   return (n * int64_t(sizeof(T))) % 512 == 0 ? n + 64 / int64_t(sizeof(T)) : n;
 }
 
+// With fewer blocks of hidden units than threads (small H), rows are split too, so every thread has work:
+// how many row chunks each block's rows are cut into for `rows` rows.
+int64_t row_chunks_for(int64_t blocks, int64_t rows) {
+  const int64_t threads = num_threads();
+  if (blocks >= threads) return 1;
+  return std::max<int64_t>(1, std::min((threads + blocks - 1) / blocks, rows / 8));
+}
+
 int64_t grain_for(int64_t items, int64_t flops_per_item) {
   (void)items;
   return std::max<int64_t>(1, kMinFlopsPerThread / std::max<int64_t>(1, flops_per_item));
@@ -264,14 +272,18 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
     const int64_t t_lo = s.reverse ? s.steps - chunk1 : chunk0, t_hi = s.reverse ? s.steps - chunk0 : chunk1;
     const int64_t row_lo = steps.offset[t_lo], chunk_rows = steps.offset[t_hi] - row_lo;
     S* gates_chunk = a.gates != nullptr ? a.gates + row_lo * LG : chunk_scratch;
-    parallel_for(blocks, grain_for(blocks, 2 * chunk_rows * 4 * kUnitBlock * I), [&](int64_t begin, int64_t end) {
-      for (int64_t block = begin; block < end; ++block) {
-        const int64_t base = columns.base(block), width = columns.width(block);
+    const int64_t proj_chunks = row_chunks_for(blocks, chunk_rows);
+    parallel_for(blocks * proj_chunks, grain_for(blocks, 2 * (chunk_rows / proj_chunks) * 4 * kUnitBlock * I),
+                 [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t block = item % blocks, base = columns.base(block), width = columns.width(block);
+        int64_t r0, r1;
+        split_range(chunk_rows, proj_chunks, item / blocks, r0, r1);
         if (s.has_bias)
-          for (int64_t row = 0; row < chunk_rows; ++row)
+          for (int64_t row = r0; row < r1; ++row)
             std::memcpy(gates_chunk + row * LG + base, bias.data() + base, sizeof(S) * 4 * width);
-        panel_gemm(chunk_rows, 4 * width, I, a.input + row_lo * I, I, w_ih_t + base * rows_i, gates_chunk + base,
-                   LG, s.has_bias);
+        panel_gemm(r1 - r0, 4 * width, I, a.input + (row_lo + r0) * I, I, w_ih_t + base * rows_i,
+                   gates_chunk + r0 * LG + base, LG, s.has_bias);
       }
     });
 
@@ -285,11 +297,17 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
       }
       S* gates_t = gates_chunk + (row0 - row_lo) * LG;
       S* cells_t = a.cells != nullptr ? a.cells + row0 * H : nullptr;
-      parallel_for(blocks, grain_for(blocks, 2 * n * 4 * kUnitBlock * P), [&](int64_t begin, int64_t end) {
-        for (int64_t block = begin; block < end; ++block) {
+      const int64_t step_chunks = row_chunks_for(blocks, n);
+      parallel_for(blocks * step_chunks, grain_for(blocks, 2 * (n / step_chunks) * 4 * kUnitBlock * P),
+                   [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t block = item % blocks;
           const int64_t base = columns.base(block), width = columns.width(block), unit0 = block * kUnitBlock;
-          panel_gemm(n, 4 * width, P, hidden_state, P, w_hh_t + base * rows_p, gates_t + base, LG, true);
-          for (int64_t b = 0; b < n; ++b) {
+          int64_t b0, b1;
+          split_range(n, step_chunks, item / blocks, b0, b1);
+          panel_gemm(b1 - b0, 4 * width, P, hidden_state + b0 * P, P, w_hh_t + base * rows_p,
+                     gates_t + b0 * LG + base, LG, true);
+          for (int64_t b = b0; b < b1; ++b) {
             S* cell_out = cells_t != nullptr ? cells_t + b * H + unit0 : nullptr;
             if constexpr (std::is_same_v<S, T>) {
               T* raw_t = s.has_proj ? (a.raw_hidden != nullptr ? a.raw_hidden + row0 * H : raw_scratch) : nullptr;
@@ -381,10 +399,15 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
 
     T* gates_t = a.gates + row0 * LG;
     const T* cells_t = a.cells + row0 * H;
-    parallel_for(blocks, grain_for(blocks, 64 * n * kUnitBlock), [&](int64_t begin, int64_t end) {
-      for (int64_t block = begin; block < end; ++block) {
+    const int64_t back_chunks = row_chunks_for(blocks, n);
+    parallel_for(blocks * back_chunks, grain_for(blocks, 64 * (n / back_chunks) * kUnitBlock),
+                 [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t block = item % blocks;
         const int64_t base = columns.base(block), width = columns.width(block), unit0 = block * kUnitBlock;
-        for (int64_t b = 0; b < n; ++b) {
+        int64_t b0, b1;
+        split_range(n, back_chunks, item / blocks, b0, b1);
+        for (int64_t b = b0; b < b1; ++b) {
           const T* cell_prev = b < n_prev ? a.cells + (steps.offset[tp] + b) * H : a.c0 + b * H;
           block_backward(gates_t + b * LG + base, width, grad_cell_output + b * ld_grad + unit0,
                          grad_cell + b * H + unit0, cells_t + b * H + unit0, cell_prev + unit0);
@@ -392,10 +415,15 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
       }
     });
     // dL/dh_{t-1} = dL/dgates_t W_hh, for the rows of this step.
-    parallel_for(p_tiles, grain_for(p_tiles, 2 * n * kTile * G4), [&](int64_t begin, int64_t end) {
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t p0 = tile * kTile, width = std::min(kTile, P - p0);
-        gemm(n, width, G4, gates_t, LG, w_hh_p.data() + p0 * G4, width, grad_hidden + p0, P, false);
+    const int64_t dh_chunks = row_chunks_for(p_tiles, n);
+    parallel_for(p_tiles * dh_chunks, grain_for(p_tiles, 2 * (n / dh_chunks) * kTile * G4),
+                 [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t tile = item % p_tiles, p0 = tile * kTile, width = std::min(kTile, P - p0);
+        int64_t b0, b1;
+        split_range(n, dh_chunks, item / p_tiles, b0, b1);
+        gemm(b1 - b0, width, G4, gates_t + b0 * LG, LG, w_hh_p.data() + p0 * G4, width, grad_hidden + b0 * P + p0, P,
+             false);
       }
     });
   }
