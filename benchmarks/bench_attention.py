@@ -119,8 +119,27 @@ def layer_cases(sizes: str, dtype: str) -> list[Case]:
             Case("attention", "TransformerEncoderLayer fwd+bwd", "B=16 L=256 d=512 8 heads",
                  3 * (2 * 16 * 256 * 512 * 512 * 4 + 2 * 2 * 16 * 256 * 512 * 2048 + _flops(16, 8, 256, 256, 64)),
                  _encoder_make(), reference="nn.TransformerEncoderLayer", goal="<= 0.7x torch's layer", grad=True),
-            Case("attention", "Luong local-m vs global", "B=32 T=64 S=2048 H=256 D=10", 0.0, _luong_make(),
-                 reference="our global attention", goal="local-p: <= 0.1x global (local-m here)")]
+            Case("attention", "additive attention fwd+bwd", "B=32 Tq=64 Tk=256 hidden=256", 0.0, _additive_make(),
+                 reference="naive formula", goal="<= 0.25x time, <= 0.1x memory", grad=True, memory=True),
+            Case("attention", "Luong local-p vs global", "B=32 T=64 S=2048 H=256 D=10", 0.0, _luong_make("local-p"),
+                 reference="our global attention", goal="<= 0.1x global"),
+            Case("attention", "Luong local-m vs global", "B=32 T=64 S=2048 H=256 D=10", 0.0, _luong_make("local-m"),
+                 reference="our global attention")]
+
+
+def _additive_make(b=32, q_len=64, kv_len=256, size=256):
+    def make():
+        torch.manual_seed(0)
+        ours = fusedlayers.nn.AdditiveAttention(size, size, size)
+        query = torch.randn(b, q_len, size, requires_grad=True)
+        keys = torch.randn(b, kv_len, size, requires_grad=True)
+
+        def naive():  # as users write it: the [b, q, k, hidden] tanh tensor is built and kept for backward
+            scores = torch.tanh(ours.query_proj(query)[:, :, None, :] + ours.key_proj(keys)[:, None, :, :]) @ ours.v
+            context = torch.softmax(scores, dim=-1) @ keys
+            context.sum().backward()
+        return naive, (lambda: ours(query, keys)[0].sum().backward())
+    return make
 
 
 def _encoder_make(b=16, length=256, d_model=512, heads=8):
@@ -134,12 +153,12 @@ def _encoder_make(b=16, length=256, d_model=512, heads=8):
     return make
 
 
-def _luong_make(b=32, t=64, s=2048, hidden=256, window=10):
+def _luong_make(mode, b=32, t=64, s=2048, hidden=256, window=10):
     def make():
         torch.manual_seed(0)
         glob = fusedlayers.nn.LuongAttention(hidden, mode="global")
-        local = fusedlayers.nn.LuongAttention(hidden, mode="local-m", window=window)
-        local.load_state_dict(glob.state_dict())
+        local = fusedlayers.nn.LuongAttention(hidden, mode=mode, window=window)
+        local.load_state_dict(glob.state_dict(), strict=False)  # local-p has its position predictor besides
         query, source = torch.randn(b, t, hidden), torch.randn(b, s, hidden)
         return (lambda: glob(query, source)), (lambda: local(query, source))
     return make

@@ -25,6 +25,7 @@ class Case:
     grad: bool = False          # runs a backward pass (timed without torch.no_grad)
     threads: int | None = None  # fixed thread count (e.g. 1 for a GEMM block that one thread computes)
     bytes_read: float = 0.0     # for memory-bound cases: bytes one call must read (compared with read bandwidth)
+    memory: bool = False        # also measure both sides' peak memory (benchmarks/memory.py, fresh processes)
     extra: dict = field(default_factory=dict)
 
 

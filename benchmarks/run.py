@@ -22,6 +22,7 @@ import torch
 import fusedlayers
 
 from .common import Case, cpu_model, measure_read_bandwidth, time_call
+from .memory import peak_memory_mib
 
 FAMILIES = ["gemm", "lstm", "attention", "flows"]
 
@@ -38,7 +39,7 @@ def measure_peaks(threads: list[int], dtypes: list[str], seconds: float) -> dict
     return peaks
 
 
-def run_case(case: Case, threads: int, min_run_time: float, peaks: dict[str, float]) -> dict:
+def run_case(case: Case, threads: int, min_run_time: float, peaks: dict[str, float], sizes: str) -> dict:
     torch.manual_seed(0)
     reference, ours = case.make()
     ref_s = time_call(reference, threads, min_run_time, case.grad)
@@ -49,7 +50,9 @@ def run_case(case: Case, threads: int, min_run_time: float, peaks: dict[str, flo
     bandwidth = peaks.get(f"read GB/s/{threads}")
     ours_bw = 100 * case.bytes_read / ours_s / 1e9 / bandwidth if case.bytes_read and bandwidth else None
     ref_bw = 100 * case.bytes_read / ref_s / 1e9 / bandwidth if case.bytes_read and bandwidth else None
+    memory = peak_memory_mib(case, sizes, threads) if case.memory else None
     return {
+        "reference_peak_mib": memory[0] if memory else None, "ours_peak_mib": memory[1] if memory else None,
         "family": case.family, "case": case.name, "size": case.size, "dtype": case.dtype, "threads": threads,
         "reference": case.reference, "reference_ms": ref_s * 1e3, "ours_ms": ours_s * 1e3,
         "speedup": ref_s / ours_s, "ours_gflops": gflops, "reference_gflops": ref_gflops,
@@ -58,6 +61,14 @@ def run_case(case: Case, threads: int, min_run_time: float, peaks: dict[str, flo
         "ours_pct_bandwidth": ours_bw, "reference_pct_bandwidth": ref_bw,
         "goal": case.goal,
     }
+
+
+def _memory_note(row: dict) -> str:
+    if row.get("ours_peak_mib") is None:
+        return ""
+    ref, ours = row["reference_peak_mib"], row["ours_peak_mib"]
+    ratio = f", {ours / ref:.3f}x" if ref > 0 else ""
+    return f" (peak memory: ref {ref:.1f} MiB, ours {ours:.1f} MiB{ratio})"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -72,7 +83,7 @@ def format_table(rows: list[dict]) -> str:
             ref_pct = fmt(r["reference_pct_bandwidth"], ".0f") + " (bw)"
         lines.append([r["family"], r["case"], r["size"], r["dtype"], str(r["threads"]), fmt(r["reference_ms"], ".3f"),
                       fmt(r["ours_ms"], ".3f"), fmt(r["speedup"], ".2f") + "x", fmt(r["ours_gflops"], ".0f"),
-                      ours_pct, ref_pct, r["goal"]])
+                      ours_pct, ref_pct, r["goal"] + _memory_note(r)])
     widths = [max(len(row[k]) for row in lines) for k in range(len(head))]
     out = []
     for n, row in enumerate(lines):
@@ -133,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
               + ' ("read GB/s": a parallel sum over 512 MiB)')
     rows = []
     for case, n in tqdm(jobs, desc="benchmarks", unit="case", file=sys.stderr):
-        rows.append(run_case(case, n, args.min_run_time, peaks))
+        rows.append(run_case(case, n, args.min_run_time, peaks, args.sizes))
     print(header)
     print(format_table(rows))
     os.makedirs(args.out, exist_ok=True)

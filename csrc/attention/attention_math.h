@@ -43,3 +43,19 @@ FL_HOST_DEVICE bool dropout_keep(uint64_t seed, uint64_t index, uint32_t thresho
 }
 
 }  // namespace fl
+
+namespace fl {
+
+// Additive (Bahdanau) attention, one hidden unit of one (query, key) pair: the score gains v * t with
+// t = tanh(q + k). With g the score's gradient, dv gains g * t and dq, dk gain v * g * (1 - t^2); kernels sum
+// additive_unit_grad over keys (or queries) and multiply by v once at the end.
+template <typename V>
+FL_HOST_DEVICE V additive_unit(const V& q, const V& k) {
+  return tanh_(q + k);
+}
+template <typename V>
+FL_HOST_DEVICE V additive_unit_grad(const V& g, const V& t) {
+  return g - g * t * t;
+}
+
+}  // namespace fl

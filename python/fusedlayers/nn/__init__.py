@@ -3,10 +3,12 @@
 from .attention import MultiheadAttention
 from .linear import Linear
 from .lstm import LSTM, LSTMCell
-from .self_attention import AttentionBlock, LuongAttention, SelfAttention2d
+from .additive import AdditiveAttention, BahdanauAttention
+from .luong import LuongAttention
+from .self_attention import AttentionBlock, SelfAttention2d
 from .transformer import TransformerDecoderLayer, TransformerEncoderLayer
 
 __all__ = [
-    "AttentionBlock", "LSTM", "LSTMCell", "Linear", "LuongAttention", "MultiheadAttention", "SelfAttention2d", "TransformerDecoderLayer",
+    "AdditiveAttention", "AttentionBlock", "BahdanauAttention", "LSTM", "LSTMCell", "Linear", "LuongAttention", "MultiheadAttention", "SelfAttention2d", "TransformerDecoderLayer",
     "TransformerEncoderLayer",
 ]
