@@ -135,3 +135,31 @@ def test_luong_bad_arguments():
         m(torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.ones(2, 5))
     with pytest.raises(ValueError, match="batch sizes differ"):
         m(torch.randn(2, 3, 4), torch.randn(3, 5, 4))
+
+
+def _window_args(dtype=torch.float64):
+    g = torch.Generator().manual_seed(4)
+    query = torch.randn(2, 3, 5, generator=g, dtype=dtype, requires_grad=True)
+    source = torch.randn(2, 8, 5, generator=g, dtype=dtype, requires_grad=True)
+    factor = torch.rand(2, 3, 4, generator=g, dtype=dtype, requires_grad=True)
+    first = torch.tensor([[-2, 0, 5], [1, 4, 6]])
+    positions = first[..., None] + torch.arange(4)
+    valid = (positions >= 0) & (positions < 8)
+    valid[1, 1] = False  # a window with nothing valid
+    return query, source, factor, first, valid
+
+
+def test_window_op_opcheck_and_gradcheck():
+    args = _window_args()
+    torch.library.opcheck(torch.ops.fusedlayers.window_attention.default, args)
+    torch.library.opcheck(torch.ops.fusedlayers.window_attention.default,
+                          tuple(a.detach().float() if a.is_floating_point() else a for a in args))
+    assert torch.autograd.gradcheck(lambda q, s, f: torch.ops.fusedlayers.window_attention(q, s, f, *args[3:])[0],
+                                    args[:3])
+
+
+def test_window_op_refuses_positions_outside_the_source():
+    query, source, factor, first, valid = _window_args()
+    valid = torch.ones_like(valid)
+    with pytest.raises(RuntimeError, match="outside the source"):
+        torch.ops.fusedlayers.window_attention(query, source, factor, first, valid)
