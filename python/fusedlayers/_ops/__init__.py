@@ -1,3 +1,3 @@
 """Fake-tensor and autograd rules for the C++ ops (each family in its own module)."""
 
-from . import additive, attention, linear, lstm  # noqa: F401
+from . import additive, attention, flows, linear, lstm  # noqa: F401

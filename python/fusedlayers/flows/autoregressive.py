@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import InverseTransform, Transform, check_context, check_features
+from . import made_plan
 from .made import MADE
 
 
@@ -60,6 +61,10 @@ class MaskedAffineAutoregressiveTransform(Transform):
         self._check(inputs, context)
         if not self.autoregressive_net.supports_one_pass_inverse():
             return self._inverse_by_passes(inputs, context)
+        if not self._needs_grad(inputs, context):  # the fused op (no backward): one pass, in C++
+            fused = made_plan.made_inverse(self.autoregressive_net, inputs, context, self._epsilon)
+            if fused is not None:
+                return fused
         eps = self._epsilon
         log_scales = []
 
@@ -70,6 +75,12 @@ class MaskedAffineAutoregressiveTransform(Transform):
 
         outputs = self.autoregressive_net.invert(inputs, context, solve)
         return outputs, -torch.cat(log_scales, dim=1).sum(dim=1)
+
+    def _needs_grad(self, inputs: Tensor, context: Tensor | None) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        tensors = [inputs, *self.parameters()] + ([context] if context is not None else [])
+        return any(t.requires_grad for t in tensors)
 
     def _inverse_by_passes(self, inputs: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         outputs = torch.zeros_like(inputs)

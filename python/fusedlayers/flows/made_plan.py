@@ -1,0 +1,110 @@
+"""Describes a MADE to the fused one-pass inverse op (csrc/flows/made_ops.cpp): every layer's units sorted by
+degree, its masked weight permuted to match, and the network as a list of stages (see made_kernel.h).
+
+Used when nothing needs gradients (sampling under torch.no_grad, evaluation): the op has no backward, and the
+composed torch path of `MADE.invert` serves autograd."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .made import MADE, MaskedFeedforwardBlock, MaskedResidualBlock
+
+_ACTIVATIONS = {F.relu: 0, torch.relu: 0, torch.tanh: 1, F.tanh: 1, F.elu: 2, F.gelu: 3}
+_op = torch.ops.fusedlayers.made_inverse
+
+
+def activation_code(fn) -> int | None:
+    try:
+        return _ACTIVATIONS.get(fn)
+    except TypeError:  # unhashable callables
+        return None
+
+
+def _offsets(sorted_degrees: Tensor, features: int) -> Tensor:
+    """offsets[k] = how many units have degree < k, for k = 0 .. features + 1."""
+    return torch.searchsorted(sorted_degrees.contiguous(), torch.arange(features + 2), right=False)
+
+
+def _batch_norm_affine(bn: nn.BatchNorm1d | None, perm: Tensor) -> Tensor | None:
+    if bn is None:
+        return None
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.affine:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0.0)
+    return torch.stack([scale, shift])[:, perm].contiguous()
+
+
+class _Stages:
+    def __init__(self, features: int, batch: int):
+        self.features, self.batch = features, batch
+        self.weights, self.biases, self.in_affine, self.out_affine, self.contexts = [], [], [], [], []
+        self.info, self.offsets = [], []
+
+    def add(self, linear, in_degrees, in_perm, out_degrees, out_perm, src, residual=-1, act_in=False,
+            act_out=False, in_affine=None, out_affine=None, context=None) -> int:
+        weight = (linear.weight * linear.mask).index_select(0, out_perm).index_select(1, in_perm)
+        self.weights.append(weight.contiguous())
+        self.biases.append(linear.bias.index_select(0, out_perm).contiguous() if linear.bias is not None else None)
+        self.in_affine.append(in_affine)
+        self.out_affine.append(out_affine)
+        self.contexts.append(context.index_select(1, out_perm).t().contiguous() if context is not None else None)
+        dst = len(self.info) + 1
+        self.info.append([src, dst, residual, int(act_in), int(act_out)])
+        self.offsets.append(torch.stack([_offsets(in_degrees[in_perm], self.features),
+                                         _offsets(out_degrees[out_perm], self.features)]))
+        return dst
+
+
+def _sorted(degrees: Tensor) -> Tensor:
+    return torch.sort(degrees, stable=True).indices
+
+
+def made_inverse(made: MADE, targets: Tensor, context: Tensor | None, epsilon: float) -> tuple[Tensor, Tensor] | None:
+    """x and -sum log scale for y = targets through the fused op, or None when this MADE or these inputs are
+    outside what the op covers (then the caller takes the composed path)."""
+    act = activation_code(made.activation)
+    if (act is None or made.output_multiplier != 2 or targets.device.type != "cpu"
+            or targets.dtype not in (torch.float32, torch.float64) or targets.dim() != 2
+            or any(p.dtype != targets.dtype for p in made.parameters())):
+        return None
+    features = made.features
+    stages = _Stages(features, targets.shape[0])
+    x_degrees = torch.arange(1, features + 1)
+    x_perm = torch.arange(features)
+    degrees = made.initial_layer.degrees
+    perm = _sorted(degrees)
+    initial_context = made.activation(made.context_layer(context)) if context is not None else None
+    buffer = stages.add(made.initial_layer, x_degrees, x_perm, degrees, perm, src=0,
+                        act_out=not made.use_residual_blocks, context=initial_context)
+    for block in made.blocks:
+        if isinstance(block, MaskedResidualBlock):
+            if block.activation is not made.activation or not torch.equal(block.degrees, degrees):
+                return None
+            bn = block.batch_norm_layers if block.use_batch_norm else (None, None)
+            inner_context = block.context_layer(context) if context is not None else None
+            inner_degrees = block.linear_layers[0].degrees
+            inner_perm = _sorted(inner_degrees)
+            inner = stages.add(block.linear_layers[0], degrees, perm, inner_degrees, inner_perm, src=buffer,
+                               act_in=True, in_affine=_batch_norm_affine(bn[0], perm),
+                               out_affine=_batch_norm_affine(bn[1], inner_perm), context=inner_context)
+            buffer = stages.add(block.linear_layers[1], inner_degrees, inner_perm, degrees, perm, src=inner,
+                                residual=buffer, act_in=True)
+        elif isinstance(block, MaskedFeedforwardBlock):
+            if block.activation is not made.activation:
+                return None
+            out_degrees = block.degrees
+            out_perm = _sorted(out_degrees)
+            buffer = stages.add(block.linear, degrees, perm, out_degrees, out_perm, src=buffer, act_out=True,
+                                in_affine=_batch_norm_affine(block.batch_norm, perm))
+            degrees, perm = out_degrees, out_perm
+        else:
+            return None
+    final = made.final_layer
+    stages.add(final, degrees, perm, final.degrees, _sorted(final.degrees), src=buffer)
+    return _op(targets.contiguous(), stages.weights, stages.biases, stages.in_affine, stages.out_affine,
+               stages.contexts, torch.tensor(stages.info, dtype=torch.int64), torch.stack(stages.offsets),
+               act, float(epsilon))

@@ -1,0 +1,130 @@
+"""The fused one-pass MADE inverse (C++ op made_inverse) against the composed one-pass inverse and nflows'
+D-pass loop, for every MADE option it covers, and the cases it hands back to the composed path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusedlayers import flows
+from fusedlayers.flows import made_plan
+
+TOL = dict(rtol=1e-9, atol=1e-9)
+
+
+def make_transform(features, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    t = flows.MaskedAffineAutoregressiveTransform(features, 16, **kwargs).double()
+    with torch.no_grad():  # moderate, non-trivial weights (the residual blocks start near zero)
+        for p in t.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        for m in t.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return t.eval()
+
+
+OPTIONS = [
+    {}, {"use_residual_blocks": False}, {"use_residual_blocks": False, "random_mask": True},
+    {"context_features": 3}, {"context_features": 3, "use_residual_blocks": False},
+    {"use_batch_norm": True}, {"use_batch_norm": True, "use_residual_blocks": False, "context_features": 2},
+    {"activation": torch.tanh}, {"activation": F.elu}, {"activation": F.gelu, "num_blocks": 3},
+    {"num_blocks": 0}, {"dropout_probability": 0.3},
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={getattr(v, '__name__', v)}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("features", [1, 2, 7])
+def test_fused_inverse_matches_composed_and_d_pass(options, features):
+    t = make_transform(features, **options)
+    batch = 70  # more than one slab of samples
+    y = torch.randn(batch, features, dtype=torch.float64)
+    context = torch.randn(batch, options["context_features"], dtype=torch.float64) if "context_features" in options else None
+    with torch.no_grad():
+        fused = made_plan.made_inverse(t.autoregressive_net, y, context, t._epsilon)
+        assert fused is not None
+        x, logdet = t.inverse(y, context)
+        passes = t._inverse_by_passes(y, context)
+    composed = t.inverse(y.clone().requires_grad_(), context)  # autograd recording: the composed path
+    for ours in (fused, (x, logdet)):
+        torch.testing.assert_close(ours[0], composed[0].detach(), **TOL)
+        torch.testing.assert_close(ours[1], composed[1].detach(), **TOL)
+        torch.testing.assert_close(ours[0], passes[0], **TOL)
+        torch.testing.assert_close(ours[1], passes[1], **TOL)
+    with torch.no_grad():
+        back, forward_logdet = t(x, context)
+    torch.testing.assert_close(back, y, **TOL)
+    torch.testing.assert_close(forward_logdet, -logdet, **TOL)
+
+
+def test_float32_matches_float64():
+    t = make_transform(12)
+    y = torch.randn(300, 12, dtype=torch.float64)
+    with torch.no_grad():
+        x64, l64 = t.inverse(y)
+        x32, l32 = t.float().inverse(y.float())
+    torch.testing.assert_close(x32.double(), x64, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(l32.double(), l64, rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_take_the_composed_path():
+    t = make_transform(4)
+    y = torch.randn(5, 4, dtype=torch.float64)
+    x, logdet = t.inverse(y)  # parameters require grad: differentiable
+    assert x.requires_grad and logdet.requires_grad
+    (x.sum() + logdet.sum()).backward()
+    assert all(p.grad is not None for p in t.autoregressive_net.initial_layer.parameters())
+
+
+def test_uncovered_cases_fall_back():
+    t = make_transform(3, activation=torch.sigmoid)
+    y = torch.randn(4, 3, dtype=torch.float64)
+    assert made_plan.made_inverse(t.autoregressive_net, y, None, t._epsilon) is None
+    with torch.no_grad():
+        x, _ = t.inverse(y)
+        back, _ = t(x)
+    torch.testing.assert_close(back, y, **TOL)
+
+
+def test_empty_batch():
+    t = make_transform(3)
+    with torch.no_grad():
+        x, logdet = t.inverse(torch.zeros(0, 3, dtype=torch.float64))
+    assert x.shape == (0, 3) and logdet.shape == (0,)
+
+
+def test_opcheck():
+    t = make_transform(3, context_features=2, use_batch_norm=True)
+    y = torch.randn(6, 3, dtype=torch.float64)
+    context = torch.randn(6, 2, dtype=torch.float64)
+    captured = {}
+    real_op = made_plan._op
+
+    def capture(*args):
+        captured["args"] = args
+        return real_op(*args)
+    made_plan._op = capture
+    try:
+        with torch.no_grad():
+            made_plan.made_inverse(t.autoregressive_net, y, context, t._epsilon)
+    finally:
+        made_plan._op = real_op
+    args = tuple([a.detach() if isinstance(a, torch.Tensor) else
+                  [x.detach() if isinstance(x, torch.Tensor) else x for x in a] if isinstance(a, list) else a
+                  for a in captured["args"]])
+    torch.library.opcheck(torch.ops.fusedlayers.made_inverse.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_bad_stage_description():
+    t = make_transform(3)
+    y = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="targets must be float32 or float64"):
+        torch.ops.fusedlayers.made_inverse(y.long(), [torch.zeros(6, 3, dtype=torch.float64)], [None], [None], [None],
+                                           [None], torch.zeros(1, 5, dtype=torch.long),
+                                           torch.zeros(1, 2, 5, dtype=torch.long), 0, 1e-3)
+    with pytest.raises(RuntimeError, match="2 rows per feature"):
+        torch.ops.fusedlayers.made_inverse(y, [torch.zeros(5, 3, dtype=torch.float64)], [None], [None], [None],
+                                           [None], torch.tensor([[0, 1, -1, 0, 0]]),
+                                           torch.zeros(1, 2, 5, dtype=torch.long), 0, 1e-3)
+    del t
