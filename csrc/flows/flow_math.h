@@ -34,3 +34,30 @@ FL_HOST_DEVICE T affine_inverse(T y, T shift, T scale) {
 }
 
 }  // namespace fl
+
+namespace fl {
+
+// d act(x) / dx from the pre-activation x.
+template <typename T>
+FL_HOST_DEVICE T made_activation_grad(MadeActivation kind, T x) {
+  switch (kind) {
+    case MadeActivation::relu: return x > T(0) ? T(1) : T(0);
+    case MadeActivation::tanh: {
+      const T t = std::tanh(x);
+      return T(1) - t * t;
+    }
+    case MadeActivation::elu: return x > T(0) ? T(1) : std::exp(x);
+    default: {
+      const T cdf = T(0.5) * (T(1) + std::erf(x * T(0.70710678118654752440)));
+      return cdf + x * T(0.39894228040143267794) * std::exp(T(-0.5) * x * x);
+    }
+  }
+}
+
+// d affine_scale / d unconstrained: torch's softplus gradient (1 above the threshold).
+template <typename T>
+FL_HOST_DEVICE T affine_scale_grad(T unconstrained) {
+  return unconstrained > T(20) ? T(1) : T(1) / (T(1) + std::exp(-unconstrained));
+}
+
+}  // namespace fl

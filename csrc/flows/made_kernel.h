@@ -46,10 +46,61 @@ struct MadeInverseArgs {
   T* logabsdet = nullptr;      // [batch]: -sum log scale
 };
 
+// The forward pass (density direction) and its backward, on samples in row-major slabs. A layer here is one
+// stage of the list above without batch norm: a = act_in ? act(src) : src; z = a Wt + bias + context;
+// dst = [residual +] act_out?(z). Output unit u reads only the inputs [0, extent[u]) (its mask row, in sorted
+// order), so the products skip the masked-out blocks.
+template <typename T>
+struct MadeLayer {
+  int64_t src = 0, residual = -1;  // buffer ids: 0 is x, buffer i + 1 is layer i's dst
+  int64_t in_units = 0, out_units = 0;
+  bool act_in = false, act_out = false;
+  const T* weight_t = nullptr;     // [in_units, out_units]
+  const T* weight = nullptr;       // [out_units, in_units] (the backward's dA = dZ W)
+  const T* bias = nullptr;         // [out_units] or null
+  const T* context = nullptr;      // [batch, out_units] or null
+  const int64_t* extent = nullptr; // [out_units], non-decreasing
+  // Saved by the forward, read by the backward ([batch, units] each): the layer's output, its activated
+  // input (act_in only) and its pre-activation output (act_out only).
+  T* dst = nullptr;
+  T* activated = nullptr;
+  T* pre = nullptr;
+};
+
+template <typename T>
+struct MadeForwardArgs {
+  int64_t batch = 0, features = 0, num_layers = 0;
+  int activation = 0;
+  T epsilon = T(1e-3);
+  MadeLayer<T>* layers = nullptr;  // the last is the output layer (2 rows per feature); its dst holds the params
+  const T* inputs = nullptr;       // [batch, features]
+  T* outputs = nullptr;            // [batch, features]: scale * x + shift
+  T* logabsdet = nullptr;          // [batch]
+};
+
+template <typename T>
+struct MadeBackwardArgs {
+  int64_t batch = 0, features = 0, num_layers = 0;
+  int activation = 0;
+  T epsilon = T(1e-3);
+  const MadeLayer<T>* layers = nullptr;
+  const T* inputs = nullptr;
+  const T* grad_outputs = nullptr;    // [batch, features]
+  const T* grad_logabsdet = nullptr;  // [batch]
+  T* grad_inputs = nullptr;           // [batch, features]
+  T* const* grad_weight_t = nullptr;  // per layer [in_units, out_units]
+  T* const* grad_bias = nullptr;      // per layer [out_units] or null
+  T* const* grad_context = nullptr;   // per layer [batch, out_units] or null
+};
+
 }  // namespace fl
 
-#define FL_MADE_KERNEL_DECLS                                      \
-  void made_inverse(const ::fl::MadeInverseArgs<float>& args);    \
-  void made_inverse(const ::fl::MadeInverseArgs<double>& args);
+#define FL_MADE_KERNEL_DECLS                                            \
+  void made_inverse(const ::fl::MadeInverseArgs<float>& args);          \
+  void made_inverse(const ::fl::MadeInverseArgs<double>& args);         \
+  void made_forward(const ::fl::MadeForwardArgs<float>& args);          \
+  void made_forward(const ::fl::MadeForwardArgs<double>& args);         \
+  void made_backward(const ::fl::MadeBackwardArgs<float>& args);        \
+  void made_backward(const ::fl::MadeBackwardArgs<double>& args);
 
 FL_DECLARE_FOR_EACH_ISA(FL_MADE_KERNEL_DECLS)

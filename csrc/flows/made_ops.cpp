@@ -115,6 +115,166 @@ std::tuple<Tensor, Tensor> made_inverse_cpu(const Tensor& targets, at::TensorLis
   return {x, logabsdet};
 }
 
+// ---- the forward pass (density direction) and its backward
+
+struct LayerList {
+  std::vector<int64_t> src, residual, act_in, act_out;
+};
+
+LayerList check_layers(const Tensor& inputs, at::TensorList weights_t, at::TensorList weights,
+                       const OptTensorList& biases, const OptTensorList& contexts, at::TensorList extents,
+                       at::IntArrayRef layer_info) {
+  constexpr const char* op = "made_forward";
+  TORCH_CHECK(inputs.device().is_cpu() && inputs.dim() == 2 && inputs.is_contiguous(), op,
+              ": inputs must be a contiguous 2-D CPU tensor, got ", inputs.sizes());
+  const auto dtype = inputs.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op, ": inputs must be float32 or float64, got ",
+                   dtype);
+  const int64_t L = static_cast<int64_t>(weights_t.size()), N = inputs.size(0), D = inputs.size(1);
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(weights.size()) == L && static_cast<int64_t>(biases.size()) == L &&
+                  static_cast<int64_t>(contexts.size()) == L && static_cast<int64_t>(extents.size()) == L,
+              op, ": one weight, bias, context and extent entry per layer");
+  TORCH_CHECK(static_cast<int64_t>(layer_info.size()) == 4 * L, op, ": layer_info must hold 4 ints per layer");
+  const int64_t* li = layer_info.data();
+  LayerList out;
+  std::vector<int64_t> units{D};
+  for (int64_t l = 0; l < L; ++l) {
+    const Tensor& wt = weights_t[l];
+    TORCH_CHECK(wt.scalar_type() == dtype && wt.dim() == 2 && wt.is_contiguous() && weights[l].is_contiguous() &&
+                    weights[l].scalar_type() == dtype && weights[l].sizes() == at::IntArrayRef({wt.size(1), wt.size(0)}),
+                op, ": layer ", l, " needs contiguous weight_t [in, out] and weight [out, in] of the inputs' dtype");
+    const int64_t src = li[l * 4], residual = li[l * 4 + 1];
+    TORCH_CHECK(src >= 0 && src <= l && units[src] == wt.size(0), op, ": layer ", l,
+                " reads a buffer that does not exist yet or has the wrong size");
+    TORCH_CHECK(residual <= l && (residual < 0 || units[residual] == wt.size(1)), op, ": layer ", l,
+                " has a bad residual buffer");
+    const Tensor& ext = extents[l];
+    TORCH_CHECK(ext.scalar_type() == at::kLong && ext.is_contiguous() && ext.numel() == wt.size(1), op,
+                ": layer ", l, " needs an int64 extent per output unit");
+    TORCH_CHECK(ext.numel() == 0 || (ext.min().item<int64_t>() >= 0 && ext.max().item<int64_t>() <= wt.size(0) &&
+                                     (ext.numel() < 2 || (ext.diff() >= 0).all().item<bool>())),
+                op, ": layer ", l, " extents must be non-decreasing and within the inputs");
+    const std::optional<Tensor> bias = biases[l], context = contexts[l];
+    if (bias.has_value() && bias->defined())
+      TORCH_CHECK(bias->scalar_type() == dtype && bias->is_contiguous() && bias->numel() == wt.size(1), op,
+                  ": layer ", l, " bias must have ", wt.size(1), " elements");
+    if (context.has_value() && context->defined())
+      TORCH_CHECK(context->scalar_type() == dtype && context->is_contiguous() &&
+                      context->sizes() == at::IntArrayRef({N, wt.size(1)}),
+                  op, ": layer ", l, " context must be [batch, ", wt.size(1), "]");
+    units.push_back(wt.size(1));
+    out.src.push_back(src);
+    out.residual.push_back(residual);
+    out.act_in.push_back(li[l * 4 + 2]);
+    out.act_out.push_back(li[l * 4 + 3]);
+  }
+  TORCH_CHECK(units.back() == 2 * D, op, ": the output layer must have 2 units per feature");
+  return out;
+}
+
+template <typename T>
+std::vector<MadeLayer<T>> describe(const LayerList& list, at::TensorList weights_t, at::TensorList weights,
+                                   const OptTensorList& biases, const OptTensorList& contexts,
+                                   at::TensorList extents, at::TensorList saved) {
+  std::vector<MadeLayer<T>> layers(weights_t.size());
+  for (size_t l = 0; l < layers.size(); ++l) {
+    MadeLayer<T>& y = layers[l];
+    y.src = list.src[l];
+    y.residual = list.residual[l];
+    y.act_in = list.act_in[l] != 0;
+    y.act_out = list.act_out[l] != 0;
+    y.in_units = weights_t[l].size(0);
+    y.out_units = weights_t[l].size(1);
+    y.weight_t = weights_t[l].data_ptr<T>();
+    y.weight = weights[l].data_ptr<T>();
+    y.bias = data_or_null<T>(biases[l]);
+    y.context = data_or_null<T>(contexts[l]);
+    y.extent = extents[l].data_ptr<int64_t>();
+    y.dst = saved[3 * l].data_ptr<T>();
+    y.activated = y.act_in ? saved[3 * l + 1].data_ptr<T>() : nullptr;
+    y.pre = y.act_out ? saved[3 * l + 2].data_ptr<T>() : nullptr;
+  }
+  return layers;
+}
+
+std::tuple<Tensor, Tensor, std::vector<Tensor>> made_forward_cpu(
+    const Tensor& inputs, at::TensorList weights_t, at::TensorList weights, const OptTensorList& biases,
+    const OptTensorList& contexts, at::TensorList extents, at::IntArrayRef layer_info, int64_t activation,
+    double epsilon) {
+  TORCH_CHECK(activation >= 0 && activation <= 3, "made_forward: unknown activation ", activation);
+  const LayerList list = check_layers(inputs, weights_t, weights, biases, contexts, extents, layer_info);
+  const int64_t N = inputs.size(0);
+  std::vector<Tensor> saved;
+  for (size_t l = 0; l < weights_t.size(); ++l) {
+    const int64_t in = weights_t[l].size(0), out = weights_t[l].size(1);
+    saved.push_back(at::empty({N, out}, inputs.options()));
+    saved.push_back(at::empty({list.act_in[l] ? N : 0, in}, inputs.options()));
+    saved.push_back(at::empty({list.act_out[l] ? N : 0, out}, inputs.options()));
+  }
+  Tensor outputs = at::empty_like(inputs), logabsdet = at::empty({N}, inputs.options());
+  AT_DISPATCH_FLOATING_TYPES(inputs.scalar_type(), "made_forward", [&] {
+    auto layers = describe<scalar_t>(list, weights_t, weights, biases, contexts, extents, saved);
+    MadeForwardArgs<scalar_t> a;
+    a.batch = N;
+    a.features = inputs.size(1);
+    a.num_layers = static_cast<int64_t>(layers.size());
+    a.activation = static_cast<int>(activation);
+    a.epsilon = static_cast<scalar_t>(epsilon);
+    a.layers = layers.data();
+    a.inputs = inputs.data_ptr<scalar_t>();
+    a.outputs = outputs.data_ptr<scalar_t>();
+    a.logabsdet = logabsdet.data_ptr<scalar_t>();
+    FL_DISPATCH_ISA(made_forward, a);
+  });
+  return {outputs, logabsdet, saved};
+}
+
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> made_backward_cpu(
+    const Tensor& grad_outputs, const Tensor& grad_logabsdet, const Tensor& inputs, at::TensorList weights_t,
+    at::TensorList weights, const OptTensorList& biases, const OptTensorList& contexts, at::TensorList extents,
+    at::IntArrayRef layer_info, at::TensorList saved, int64_t activation, double epsilon) {
+  const LayerList list = check_layers(inputs, weights_t, weights, biases, contexts, extents, layer_info);
+  const int64_t N = inputs.size(0), L = static_cast<int64_t>(weights_t.size());
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == 3 * L, "made_backward: saved must come from made_forward");
+  const Tensor go = grad_outputs.to(inputs.scalar_type()).contiguous();
+  const Tensor gl = grad_logabsdet.to(inputs.scalar_type()).contiguous();
+  TORCH_CHECK(go.sizes() == inputs.sizes() && gl.numel() == N, "made_backward: gradients of the wrong shape");
+  Tensor grad_inputs = at::empty_like(inputs);
+  std::vector<Tensor> grad_wt, grad_b, grad_ctx;
+  for (int64_t l = 0; l < L; ++l) {
+    grad_wt.push_back(at::empty_like(weights_t[l]));
+    const bool has_bias = biases[l].has_value() && biases[l]->defined();
+    const bool has_ctx = contexts[l].has_value() && contexts[l]->defined();
+    grad_b.push_back(at::empty({has_bias ? weights_t[l].size(1) : 0}, inputs.options()));
+    grad_ctx.push_back(at::empty({has_ctx ? N : 0, weights_t[l].size(1)}, inputs.options()));
+  }
+  AT_DISPATCH_FLOATING_TYPES(inputs.scalar_type(), "made_backward", [&] {
+    auto layers = describe<scalar_t>(list, weights_t, weights, biases, contexts, extents, saved);
+    std::vector<scalar_t*> dwt(L), db(L), dctx(L);
+    for (int64_t l = 0; l < L; ++l) {
+      dwt[l] = grad_wt[l].data_ptr<scalar_t>();
+      db[l] = grad_b[l].numel() ? grad_b[l].data_ptr<scalar_t>() : nullptr;
+      dctx[l] = grad_ctx[l].numel() ? grad_ctx[l].data_ptr<scalar_t>() : nullptr;
+    }
+    MadeBackwardArgs<scalar_t> a;
+    a.batch = N;
+    a.features = inputs.size(1);
+    a.num_layers = L;
+    a.activation = static_cast<int>(activation);
+    a.epsilon = static_cast<scalar_t>(epsilon);
+    a.layers = layers.data();
+    a.inputs = inputs.data_ptr<scalar_t>();
+    a.grad_outputs = go.data_ptr<scalar_t>();
+    a.grad_logabsdet = gl.data_ptr<scalar_t>();
+    a.grad_inputs = grad_inputs.data_ptr<scalar_t>();
+    a.grad_weight_t = dwt.data();
+    a.grad_bias = db.data();
+    a.grad_context = dctx.data();
+    FL_DISPATCH_ISA(made_backward, a);
+  });
+  return {grad_inputs, grad_wt, grad_b, grad_ctx};
+}
+
 }  // namespace
 
 }  // namespace fl
@@ -128,4 +288,21 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
       "Tensor?[] contexts, Tensor stage_info, Tensor offsets, int activation, float epsilon) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fusedlayers, CPU, m) { m.impl("made_inverse", &fl::made_inverse_cpu); }
+TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
+  // The MAF forward with its log-determinant in one pass. layer_info, 4 per layer: (src buffer, residual buffer or -1,
+  // act_in, act_out); buffer 0 is the inputs, buffer l + 1 layer l's output. Units are sorted by degree and
+  // extents[l][u] is how many inputs unit u reads. Returns (outputs, logabsdet, saved activations).
+  m.def(
+      "made_forward(Tensor inputs, Tensor[] weights_t, Tensor[] weights, Tensor?[] biases, Tensor?[] contexts, "
+      "Tensor[] extents, int[] layer_info, int activation, float epsilon) -> (Tensor, Tensor, Tensor[])");
+  m.def(
+      "made_backward(Tensor grad_outputs, Tensor grad_logabsdet, Tensor inputs, Tensor[] weights_t, "
+      "Tensor[] weights, Tensor?[] biases, Tensor?[] contexts, Tensor[] extents, int[] layer_info, "
+      "Tensor[] saved, int activation, float epsilon) -> (Tensor, Tensor[], Tensor[], Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(fusedlayers, CPU, m) {
+  m.impl("made_inverse", &fl::made_inverse_cpu);
+  m.impl("made_forward", &fl::made_forward_cpu);
+  m.impl("made_backward", &fl::made_backward_cpu);
+}

@@ -1,0 +1,212 @@
+// CPU kernels of the fused MAF forward pass and its backward (see made_kernel.h). Built once per ISA.
+//
+// A work item is a slab of kRows samples that runs the whole network: every product is [kRows x K] x [K x 64]
+// over one block of 64 output units, with K the inputs that block can see (units are sorted by degree, so the
+// masked weights are block-triangular and the zero blocks are skipped). The affine map and the log-determinant
+// are the output layer's epilogue. The backward walks the layers in reverse per slab; weight and bias gradients
+// are summed per worker and then across workers.
+#include "flows/made_kernel.h"
+
+#include "common/gemm.h"
+#include "common/parallel.h"
+#include "flows/flow_math.h"
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace fl::FL_ISA {
+
+namespace {
+
+constexpr int64_t kRows = 64;
+constexpr int64_t kColumnBlock = 64;
+
+template <typename T>
+void activate(MadeActivation kind, const T* in, T* out, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  int64_t c = 0;
+  if (kind == MadeActivation::relu || kind == MadeActivation::tanh)
+    for (; c + W <= n; c += W) {
+      const Vec x = Vec::loadu(in + c);
+      (kind == MadeActivation::relu ? at::vec::clamp_min(x, Vec(0)) : x.tanh()).store(out + c);
+    }
+  for (; c < n; ++c) out[c] = made_activation(kind, in[c]);
+}
+
+// The rows of buffer `id` for samples [n0, ...): x, or a layer's saved output.
+template <typename T, typename Layers>
+const T* buffer_rows(Layers layers, const T* inputs, int64_t features, int64_t id, int64_t n0) {
+  if (id == 0) return inputs + n0 * features;
+  return layers[id - 1].dst + n0 * layers[id - 1].out_units;
+}
+
+template <typename T>
+void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows) {
+  const auto act = static_cast<MadeActivation>(a.activation);
+  const int64_t D = a.features;
+  for (int64_t l = 0; l < a.num_layers; ++l) {
+    MadeLayer<T>& y = a.layers[l];
+    const int64_t in = y.in_units, out = y.out_units;
+    const T* input = buffer_rows<T>(a.layers, a.inputs, D, y.src, n0);
+    if (y.act_in) {
+      T* activated = y.activated + n0 * in;
+      activate(act, input, activated, rows * in);
+      input = activated;
+    }
+    T* z = (y.act_out ? y.pre : y.dst) + n0 * out;
+    for (int64_t c0 = 0; c0 < out; c0 += kColumnBlock) {
+      const int64_t c1 = std::min(out, c0 + kColumnBlock), k = y.extent[c1 - 1];
+      if (k > 0)
+        gemm(rows, c1 - c0, k, input, in, y.weight_t + c0, out, z + c0, out, false);
+      else
+        for (int64_t r = 0; r < rows; ++r) std::fill(z + r * out + c0, z + r * out + c1, T(0));
+    }
+    T* dst = y.dst + n0 * out;
+    const T* residual = y.residual >= 0 ? buffer_rows<T>(a.layers, a.inputs, D, y.residual, n0) : nullptr;
+    for (int64_t r = 0; r < rows; ++r) {
+      T* zr = z + r * out;
+      if (y.bias)
+        for (int64_t c = 0; c < out; ++c) zr[c] += y.bias[c];
+      if (y.context) {
+        const T* ctx = y.context + (n0 + r) * out;
+        for (int64_t c = 0; c < out; ++c) zr[c] += ctx[c];
+      }
+      if (y.act_out) activate(act, zr, dst + r * out, out);
+      if (residual)
+        for (int64_t c = 0; c < out; ++c) dst[r * out + c] += residual[r * out + c];
+    }
+  }
+  // The affine map: params hold (unconstrained scale, shift) per feature.
+  const T* params = a.layers[a.num_layers - 1].dst + n0 * 2 * D;
+  for (int64_t r = 0; r < rows; ++r) {
+    T logdet = 0;
+    for (int64_t i = 0; i < D; ++i) {
+      const T scale = affine_scale(params[r * 2 * D + 2 * i], a.epsilon);
+      a.outputs[(n0 + r) * D + i] = scale * a.inputs[(n0 + r) * D + i] + params[r * 2 * D + 2 * i + 1];
+      logdet += std::log(scale);
+    }
+    a.logabsdet[n0 + r] = logdet;
+  }
+}
+
+template <typename T>
+void forward(const MadeForwardArgs<T>& a) {
+  const int64_t slabs = (a.batch + kRows - 1) / kRows;
+  parallel_for(slabs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) forward_slab(a, s * kRows, std::min(kRows, a.batch - s * kRows));
+  });
+}
+
+// One worker's gradient sums over its slabs.
+template <typename T>
+struct Accumulators {
+  std::vector<std::vector<T>> weight_t, bias;
+};
+
+template <typename T>
+void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accumulators<T>& acc,
+                   std::vector<std::vector<T>>& grads, std::vector<T>& scratch) {
+  const auto act = static_cast<MadeActivation>(a.activation);
+  const int64_t D = a.features, L = a.num_layers;
+  // grads[0]: dx; grads[l + 1]: d(dst of layer l), each [rows, units].
+  grads.resize(L + 1);
+  grads[0].assign(rows * D, T(0));
+  for (int64_t l = 0; l < L; ++l) grads[l + 1].assign(rows * a.layers[l].out_units, T(0));
+  // The affine map's backward.
+  const T* params = a.layers[L - 1].dst + n0 * 2 * D;
+  T* dparams = grads[L].data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const T dl = a.grad_logabsdet[n0 + r];
+    for (int64_t i = 0; i < D; ++i) {
+      const T raw = params[r * 2 * D + 2 * i], scale = affine_scale(raw, a.epsilon);
+      const T dy = a.grad_outputs[(n0 + r) * D + i], x = a.inputs[(n0 + r) * D + i];
+      dparams[r * 2 * D + 2 * i] = (dy * x + dl / scale) * affine_scale_grad(raw);
+      dparams[r * 2 * D + 2 * i + 1] = dy;
+      grads[0][r * D + i] += dy * scale;
+    }
+  }
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const MadeLayer<T>& y = a.layers[l];
+    const int64_t in = y.in_units, out = y.out_units;
+    T* dz = grads[l + 1].data();
+    if (y.residual >= 0) {
+      T* dres = grads[y.residual].data();
+      for (int64_t e = 0; e < rows * out; ++e) dres[e] += dz[e];
+    }
+    if (y.act_out) {
+      const T* pre = y.pre + n0 * out;
+      for (int64_t e = 0; e < rows * out; ++e) dz[e] *= made_activation_grad(act, pre[e]);
+    }
+    if (a.grad_context[l]) std::copy(dz, dz + rows * out, a.grad_context[l] + n0 * out);
+    if (y.bias)
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < out; ++c) acc.bias[l][c] += dz[r * out + c];
+    const T* src = buffer_rows<T>(a.layers, a.inputs, D, y.src, n0);
+    const T* input = y.act_in ? y.activated + n0 * in : src;
+    // dWt[0:k, block] += input^T[0:k, :] dz[:, block]; dA[:, 0:k] += dz[:, block] W[block, 0:k].
+    scratch.resize(in * rows + rows * in);
+    T* input_t = scratch.data();
+    T* da = scratch.data() + in * rows;
+    transpose_copy(rows, in, input, in, input_t, rows);
+    std::fill(da, da + rows * in, T(0));
+    for (int64_t c0 = 0; c0 < out; c0 += kColumnBlock) {
+      const int64_t c1 = std::min(out, c0 + kColumnBlock), k = y.extent[c1 - 1];
+      if (k == 0) continue;
+      gemm(k, c1 - c0, rows, input_t, rows, dz + c0, out, acc.weight_t[l].data() + c0, out, true);
+      gemm(rows, k, c1 - c0, dz + c0, out, y.weight + c0 * in, in, da, in, true);
+    }
+    T* dsrc = grads[y.src].data();
+    for (int64_t e = 0; e < rows * in; ++e)
+      dsrc[e] += y.act_in ? da[e] * made_activation_grad(act, src[e]) : da[e];
+  }
+  std::copy(grads[0].begin(), grads[0].end(), a.grad_inputs + n0 * D);
+}
+
+template <typename T>
+void backward(const MadeBackwardArgs<T>& a) {
+  const int64_t slabs = (a.batch + kRows - 1) / kRows, L = a.num_layers;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(num_threads(), slabs));
+  std::vector<Accumulators<T>> acc(workers);
+  parallel_for(workers, 1, [&](int64_t begin, int64_t end) {
+    std::vector<std::vector<T>> grads;
+    std::vector<T> scratch;
+    for (int64_t w = begin; w < end; ++w) {
+      Accumulators<T>& mine = acc[w];
+      mine.weight_t.resize(L);
+      mine.bias.resize(L);
+      for (int64_t l = 0; l < L; ++l) {
+        mine.weight_t[l].assign(a.layers[l].in_units * a.layers[l].out_units, T(0));
+        mine.bias[l].assign(a.layers[l].out_units, T(0));
+      }
+      int64_t s0, s1;
+      split_range(slabs, workers, w, s0, s1);
+      for (int64_t s = s0; s < s1; ++s)
+        backward_slab(a, s * kRows, std::min(kRows, a.batch - s * kRows), mine, grads, scratch);
+    }
+  });
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t size = a.layers[l].in_units * a.layers[l].out_units;
+    T* dw = a.grad_weight_t[l];
+    std::fill(dw, dw + size, T(0));
+    for (const auto& w : acc)
+      for (int64_t e = 0; e < size; ++e) dw[e] += w.weight_t[l][e];
+    if (T* db = a.grad_bias[l]) {
+      std::fill(db, db + a.layers[l].out_units, T(0));
+      for (const auto& w : acc)
+        for (int64_t c = 0; c < a.layers[l].out_units; ++c) db[c] += w.bias[l][c];
+    }
+  }
+}
+
+}  // namespace
+
+void made_forward(const MadeForwardArgs<float>& args) { forward(args); }
+void made_forward(const MadeForwardArgs<double>& args) { forward(args); }
+void made_backward(const MadeBackwardArgs<float>& args) { backward(args); }
+void made_backward(const MadeBackwardArgs<double>& args) { backward(args); }
+
+}  // namespace fl::FL_ISA
