@@ -212,7 +212,7 @@ class MADE(nn.Module):
                                            plan.block_units(block, k, hidden_t[n], context, degrees[n]))
             params = final.apply(d, hidden_t[-1])  # [multiplier, batch]
             feature = torch.tensor([d - 1], device=targets.device)
-            x_t = _put(x_t, feature, solve(feature, params.t().reshape(batch, 1, -1), targets[:, d - 1:d]).t())
+            x_t = _put(x_t, feature, solve(feature, params.t().reshape(batch, 1, self.output_multiplier), targets[:, d - 1:d]).t())
         return x_t.t()
 
 
