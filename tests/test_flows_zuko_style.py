@@ -212,7 +212,8 @@ def test_sample_moments_of_an_untrained_flow_with_zero_transforms():
 def test_double_precision_flows_sample_in_double():
     flow = fl.MAF(2, CONTEXT).double()
     d = flow(torch.randn(3, CONTEXT, dtype=torch.float64))
-    assert d.sample((2,)).dtype == torch.float64 and d.log_prob(torch.randn(3, 2, dtype=torch.float64)).dtype == torch.float64
+    assert d.sample((2,)).dtype == torch.float64
+    assert d.log_prob(torch.randn(3, 2, dtype=torch.float64)).dtype == torch.float64
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from .permutations import Permutation, RandomPermutation, ReversePermutation
 from .zuko_style import MAF, MAFDistribution
 
 __all__ = [
-    "AffineCouplingTransform", "alternating_mask", "checkerboard_mask", "CompositeTransform", "Flow", "IAF", "InputOutsideDomain", "InverseNotAvailable", "InverseTransform", "MADE", "MAF", "MAFDistribution",
+    "AffineCouplingTransform", "alternating_mask", "checkerboard_mask", "CompositeTransform", "Flow", "IAF",
+    "InputOutsideDomain", "InverseNotAvailable", "InverseTransform", "MADE", "MAF", "MAFDistribution",
     "MaskedAffineAutoregressiveTransform", "Permutation", "RandomPermutation", "ReversePermutation",
     "StandardNormal", "Transform", "from_nflows",
 ]

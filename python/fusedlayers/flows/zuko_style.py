@@ -104,7 +104,8 @@ class MAF(nn.Module):
                              f"are supported, got {passes!r}")
         hidden = [hidden_features] if isinstance(hidden_features, int) else list(hidden_features)
         if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
-            raise ValueError(f"hidden_features must be a non-empty sequence of positive ints, got {hidden_features!r}")
+            raise ValueError("hidden_features must be a non-empty sequence of positive ints, "
+                             f"got {hidden_features!r}")
         if len(set(hidden)) != 1:
             raise ValueError(f"hidden_features must all be equal (nflows' MADE has one width), got {hidden}")
         new_activation = _activation_factory(activation)
