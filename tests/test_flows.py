@@ -230,6 +230,19 @@ def test_one_pass_inverse_for_several_batch_sizes():
         torch.testing.assert_close(ours.inverse(u, context), ref.inverse(u, context), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("features", [1, 3])
+def test_empty_batch_gives_empty_outputs_like_nflows(features):
+    # The parameters of zero rows cannot be reshaped with an inferred (-1) dimension: it must be named.
+    ref, ours = maf_pair(features, context_features=2)
+    u, context = inputs_for(features, dict(context_features=2), batch=0)
+    for method in ("forward", "inverse"):
+        out, lad = getattr(ours, method)(u, context)
+        ref_out, ref_lad = getattr(ref, method)(u, context)
+        assert out.shape == ref_out.shape == (0, features) and lad.shape == ref_lad.shape == (0,)
+    flow = fl.Flow(fl.IAF(features, HIDDEN), fl.StandardNormal([features]))
+    assert flow.sample(0).shape == (0, features) and flow.log_prob(u.float()).shape == (0,)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Log-determinants, the autoregressive property, gradcheck
 

@@ -8,9 +8,11 @@ from .distributions import StandardNormal
 from .flow import Flow
 from .made import MADE
 from .permutations import Permutation, RandomPermutation, ReversePermutation
+from .zuko_style import MAF, MAFDistribution
 
 __all__ = [
-    "AffineCouplingTransform", "alternating_mask", "checkerboard_mask", "CompositeTransform", "Flow", "IAF", "InputOutsideDomain", "InverseNotAvailable", "InverseTransform", "MADE",
+    "AffineCouplingTransform", "alternating_mask", "checkerboard_mask", "CompositeTransform", "Flow", "IAF",
+    "InputOutsideDomain", "InverseNotAvailable", "InverseTransform", "MADE", "MAF", "MAFDistribution",
     "MaskedAffineAutoregressiveTransform", "Permutation", "RandomPermutation", "ReversePermutation",
     "StandardNormal", "Transform", "from_nflows",
 ]

@@ -45,7 +45,7 @@ class MaskedAffineAutoregressiveTransform(Transform):
         self._epsilon = 1e-3
 
     def _scale_and_shift(self, params: Tensor) -> tuple[Tensor, Tensor]:
-        params = params.view(params.shape[0], -1, 2)
+        params = params.view(params.shape[0], self.features, 2)
         return affine_scale(params[..., 0], self._epsilon), params[..., 1]
 
     def _check(self, inputs: Tensor, context: Tensor | None) -> None:

@@ -28,6 +28,11 @@ class StandardNormal(nn.Module):
             return torch.randn(num_samples, *self._shape, device=self._log_z.device)
         return torch.randn(context.shape[0], num_samples, *self._shape, device=context.device)
 
+    def mean(self, context: Tensor | None = None) -> Tensor:
+        """Zeros of `shape`; [context rows, *shape] with a context."""
+        rows = () if context is None else (context.shape[0],)
+        return self._log_z.new_zeros(*rows, *self._shape, dtype=torch.get_default_dtype())
+
     def sample_and_log_prob(self, num_samples: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         samples = self.sample(num_samples, context)
         if context is None:

@@ -16,6 +16,9 @@ class Flow(nn.Module):
 
     def log_prob(self, inputs: Tensor, context: Tensor | None = None) -> Tensor:
         """log p(inputs) = log p_base(noise) + log|det d noise / d inputs|, one value per row."""
+        if context is not None and inputs.shape[0] != context.shape[0]:
+            raise ValueError(f"inputs and context must have the same number of rows, got {inputs.shape[0]} "
+                             f"and {context.shape[0]}")
         embedded = self._embedding_net(context) if context is not None else None
         noise, logabsdet = self._transform(inputs, context=embedded)
         return self._distribution.log_prob(noise, context=embedded) + logabsdet
@@ -25,9 +28,18 @@ class Flow(nn.Module):
         noise, _ = self._transform(inputs, context=embedded)
         return noise
 
-    def sample(self, num_samples: int, context: Tensor | None = None) -> Tensor:
-        """[num_samples, ...] without context; [context rows, num_samples, ...] with one."""
-        return self.sample_and_log_prob(num_samples, context)[0]
+    def sample(self, num_samples: int, context: Tensor | None = None, batch_size: int | None = None) -> Tensor:
+        """[num_samples, ...] without context; [context rows, num_samples, ...] with one. With `batch_size`,
+        draws at most that many samples (per context row) at a time, as nflows' argument of the same name."""
+        if batch_size is None:
+            return self.sample_and_log_prob(num_samples, context)[0]
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(num_samples, int) or num_samples < 0:
+            raise ValueError(f"num_samples must be a non-negative int, got {num_samples!r}")
+        sizes = [min(batch_size, num_samples - start) for start in range(0, num_samples, batch_size)] or [0]
+        chunks = [self.sample_and_log_prob(n, context)[0] for n in sizes]
+        return torch.cat(chunks, dim=0 if context is None else 1)
 
     def sample_and_log_prob(self, num_samples: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if not isinstance(num_samples, int) or num_samples < 0:

@@ -210,9 +210,10 @@ class MADE(nn.Module):
                 if len(plan.units[k]):
                     hidden_t[n + 1] = _put(hidden_t[n + 1], plan.units[k],
                                            plan.block_units(block, k, hidden_t[n], context, degrees[n]))
-            params = final.apply(d, hidden_t[-1])  # [multiplier, batch]
+            params = final.apply(d, hidden_t[-1]).t()  # [batch, multiplier]
             feature = torch.tensor([d - 1], device=targets.device)
-            x_t = _put(x_t, feature, solve(feature, params.t().reshape(batch, 1, -1), targets[:, d - 1:d]).t())
+            params = params.reshape(batch, 1, self.output_multiplier)  # named: batch may be 0
+            x_t = _put(x_t, feature, solve(feature, params, targets[:, d - 1:d]).t())
         return x_t.t()
 
 
