@@ -187,17 +187,27 @@ def test_rsample_and_log_prob_agree_with_log_prob(features, context):
 
 
 def test_sampling_uses_the_one_pass_inverse(monkeypatch):
+    """sample() (no gradients) runs the fused C++ inverse; rsample() the composed one-pass path; neither the
+    D-pass loop."""
+    from fusedlayers.flows import autoregressive, made_plan
     calls = []
-    original = MADE.invert
 
-    def spy(self, *args, **kwargs):
-        calls.append(self)
-        return original(self, *args, **kwargs)
+    def spy(name, original):
+        def wrapped(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+        return wrapped
 
-    monkeypatch.setattr(MADE, "invert", spy)
+    monkeypatch.setattr(MADE, "invert", spy("composed", MADE.invert))
+    monkeypatch.setattr(made_plan, "made_inverse", spy("fused", made_plan.made_inverse))
+    monkeypatch.setattr(autoregressive.MaskedAffineAutoregressiveTransform, "_inverse_by_passes",
+                        spy("passes", autoregressive.MaskedAffineAutoregressiveTransform._inverse_by_passes))
     flow = fl.MAF(4, transforms=3)
     flow().sample((2,))
-    assert len(calls) == 3
+    assert calls == ["fused"] * 3
+    calls.clear()
+    flow().rsample((2,))
+    assert calls == ["composed"] * 3
 
 
 def test_sample_moments_of_an_untrained_flow_with_zero_transforms():
