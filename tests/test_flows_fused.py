@@ -128,3 +128,82 @@ def test_bad_stage_description():
                                            [None], torch.tensor([[0, 1, -1, 0, 0]]),
                                            torch.zeros(1, 2, 5, dtype=torch.long), 0, 1e-3)
     del t
+
+
+# ----------------------------------------------------------------------------------- the fused forward pass
+FORWARD_OPTIONS = [o for o in OPTIONS if "use_batch_norm" not in o] + [{"dropout_probability": 0.3, "eval": True}]
+
+
+@pytest.mark.parametrize("options", FORWARD_OPTIONS, ids=lambda o: ",".join(f"{k}={getattr(v, '__name__', v)}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("features", [1, 2, 7])
+def test_fused_forward_matches_composed(options, features):
+    options = dict(options)
+    evaluate = options.pop("eval", False)
+    t = make_transform(features, **options)
+    t.train(not evaluate and "dropout_probability" not in options)
+    x = torch.randn(70, features, dtype=torch.float64, requires_grad=True)
+    context = (torch.randn(70, options["context_features"], dtype=torch.float64, requires_grad=True)
+               if "context_features" in options else None)
+    fused = made_plan.made_forward(t.autoregressive_net, x, context, t._epsilon)
+    assert fused is not None
+    composed = t._forward_composed(x, context)
+    for a, b in zip(fused, composed):
+        torch.testing.assert_close(a, b, **TOL)
+    weights = (torch.randn_like(fused[0]), torch.randn_like(fused[1]))
+    wrt = [x, *t.parameters()] + ([context] if context is not None else [])
+    g1 = torch.autograd.grad((fused[0] * weights[0]).sum() + (fused[1] * weights[1]).sum(), wrt, allow_unused=True)
+    g2 = torch.autograd.grad((composed[0] * weights[0]).sum() + (composed[1] * weights[1]).sum(), wrt,
+                             allow_unused=True)
+    for a, b in zip(g1, g2):
+        if a is None or b is None:
+            assert a is None or not a.any()
+            assert b is None or not b.any()
+        else:
+            torch.testing.assert_close(a, b, **TOL)
+
+
+def test_fused_forward_gradcheck():
+    t = make_transform(3, context_features=2)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    context = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, c: t(a, c), (x, context))
+    t2 = make_transform(4, use_residual_blocks=False, activation=F.gelu)
+    assert torch.autograd.gradcheck(lambda a: t2(a), (torch.randn(6, 4, dtype=torch.float64, requires_grad=True),))
+
+
+def test_fused_forward_is_taken_and_falls_back():
+    t = make_transform(3)
+    calls = []
+    real_op = made_plan._forward_op
+    made_plan._forward_op = lambda *a: calls.append(1) or real_op(*a)
+    try:
+        t(torch.randn(4, 3, dtype=torch.float64))
+        assert calls == [1]
+        bn = make_transform(3, use_batch_norm=True)
+        assert made_plan.made_forward(bn.autoregressive_net, torch.randn(4, 3, dtype=torch.float64), None, 1e-3) is None
+        dropout = make_transform(3, dropout_probability=0.5).train()
+        assert made_plan.made_forward(dropout.autoregressive_net, torch.randn(4, 3, dtype=torch.float64), None,
+                                      1e-3) is None
+    finally:
+        made_plan._forward_op = real_op
+
+
+def test_fused_forward_opcheck_and_compile():
+    t = make_transform(3, context_features=2)
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    context = torch.randn(6, 2, dtype=torch.float64)
+    captured = {}
+    real_op = made_plan._forward_op
+
+    def capture(*args):
+        captured["args"] = args
+        return real_op(*args)
+    made_plan._forward_op = capture
+    try:
+        t(x, context)
+    finally:
+        made_plan._forward_op = real_op
+    torch.library.opcheck(torch.ops.fusedlayers.made_forward.default, captured["args"])
+    compiled = torch.compile(lambda a, c: t(a, c), fullgraph=True, backend="aot_eager")
+    for a, b in zip(compiled(x, context), t(x, context)):
+        torch.testing.assert_close(a, b, **TOL)

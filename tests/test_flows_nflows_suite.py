@@ -50,13 +50,13 @@ def assert_good(tensor, shape):
     assert tensor.shape == torch.Size(shape)
 
 
-def assert_round_trip(transform, inputs, eps):
+def assert_round_trip(transform, inputs, eps, logdet_eps=None):
     identity = fl.CompositeTransform([fl.InverseTransform(transform), transform])
     outputs, logabsdet = identity(inputs)
     assert_good(outputs, inputs.shape)
     assert_good(logabsdet, inputs.shape[:1])
     torch.testing.assert_close(outputs, inputs, rtol=0, atol=eps)
-    torch.testing.assert_close(logabsdet, torch.zeros(inputs.shape[:1]), rtol=0, atol=eps)
+    torch.testing.assert_close(logabsdet, torch.zeros(inputs.shape[:1]), rtol=0, atol=logdet_eps or eps)
 
 
 class ScaleBy(fl.Transform):
@@ -102,7 +102,10 @@ def test_maf_forward_and_inverse_shapes(variant, method):  # test_forward, test_
 
 @pytest.mark.parametrize("variant", list(MADE_VARIANTS))
 def test_maf_forward_inverse_are_consistent(variant):  # test_forward_inverse_are_consistent, eps 1e-6
-    assert_round_trip(make_maf(variant), torch.randn(10, 20), eps=1e-6)
+    # The log-dets to 4e-6: with gradients recorded, our forward is the fused C++ pass and our inverse the
+    # composed one, and each rounds its float32 sum of 20 log-scales (about -7) on its own, about 1e-6 each
+    # (measured against float64); nflows' 1e-6 holds there only because both directions run the same ops.
+    assert_round_trip(make_maf(variant), torch.randn(10, 20), eps=1e-6, logdet_eps=4e-6)
 
 
 @pytest.mark.parametrize("variant", list(MADE_VARIANTS))

@@ -117,12 +117,16 @@ std::tuple<Tensor, Tensor> made_inverse_cpu(const Tensor& targets, at::TensorLis
 
 // ---- the forward pass (density direction) and its backward
 
+// Biases and contexts are Tensor[] (autograd returns one gradient list per list argument only when every entry
+// is a tensor); an empty tensor stands for an absent one.
+bool present(const Tensor& t) { return t.defined() && t.numel() > 0; }
+
 struct LayerList {
   std::vector<int64_t> src, residual, act_in, act_out;
 };
 
 LayerList check_layers(const Tensor& inputs, at::TensorList weights_t, at::TensorList weights,
-                       const OptTensorList& biases, const OptTensorList& contexts, at::TensorList extents,
+                       at::TensorList biases, at::TensorList contexts, at::TensorList extents,
                        at::IntArrayRef layer_info) {
   constexpr const char* op = "made_forward";
   TORCH_CHECK(inputs.device().is_cpu() && inputs.dim() == 2 && inputs.is_contiguous(), op,
@@ -154,13 +158,14 @@ LayerList check_layers(const Tensor& inputs, at::TensorList weights_t, at::Tenso
     TORCH_CHECK(ext.numel() == 0 || (ext.min().item<int64_t>() >= 0 && ext.max().item<int64_t>() <= wt.size(0) &&
                                      (ext.numel() < 2 || (ext.diff() >= 0).all().item<bool>())),
                 op, ": layer ", l, " extents must be non-decreasing and within the inputs");
-    const std::optional<Tensor> bias = biases[l], context = contexts[l];
-    if (bias.has_value() && bias->defined())
-      TORCH_CHECK(bias->scalar_type() == dtype && bias->is_contiguous() && bias->numel() == wt.size(1), op,
+    const Tensor& bias = biases[l];
+    const Tensor& context = contexts[l];
+    if (present(bias))
+      TORCH_CHECK(bias.scalar_type() == dtype && bias.is_contiguous() && bias.numel() == wt.size(1), op,
                   ": layer ", l, " bias must have ", wt.size(1), " elements");
-    if (context.has_value() && context->defined())
-      TORCH_CHECK(context->scalar_type() == dtype && context->is_contiguous() &&
-                      context->sizes() == at::IntArrayRef({N, wt.size(1)}),
+    if (present(context))
+      TORCH_CHECK(context.scalar_type() == dtype && context.is_contiguous() &&
+                      context.sizes() == at::IntArrayRef({N, wt.size(1)}),
                   op, ": layer ", l, " context must be [batch, ", wt.size(1), "]");
     units.push_back(wt.size(1));
     out.src.push_back(src);
@@ -174,7 +179,7 @@ LayerList check_layers(const Tensor& inputs, at::TensorList weights_t, at::Tenso
 
 template <typename T>
 std::vector<MadeLayer<T>> describe(const LayerList& list, at::TensorList weights_t, at::TensorList weights,
-                                   const OptTensorList& biases, const OptTensorList& contexts,
+                                   at::TensorList biases, at::TensorList contexts,
                                    at::TensorList extents, at::TensorList saved) {
   std::vector<MadeLayer<T>> layers(weights_t.size());
   for (size_t l = 0; l < layers.size(); ++l) {
@@ -187,8 +192,8 @@ std::vector<MadeLayer<T>> describe(const LayerList& list, at::TensorList weights
     y.out_units = weights_t[l].size(1);
     y.weight_t = weights_t[l].data_ptr<T>();
     y.weight = weights[l].data_ptr<T>();
-    y.bias = data_or_null<T>(biases[l]);
-    y.context = data_or_null<T>(contexts[l]);
+    y.bias = present(biases[l]) ? biases[l].data_ptr<T>() : nullptr;
+    y.context = present(contexts[l]) ? contexts[l].data_ptr<T>() : nullptr;
     y.extent = extents[l].data_ptr<int64_t>();
     y.dst = saved[3 * l].data_ptr<T>();
     y.activated = y.act_in ? saved[3 * l + 1].data_ptr<T>() : nullptr;
@@ -198,8 +203,8 @@ std::vector<MadeLayer<T>> describe(const LayerList& list, at::TensorList weights
 }
 
 std::tuple<Tensor, Tensor, std::vector<Tensor>> made_forward_cpu(
-    const Tensor& inputs, at::TensorList weights_t, at::TensorList weights, const OptTensorList& biases,
-    const OptTensorList& contexts, at::TensorList extents, at::IntArrayRef layer_info, int64_t activation,
+    const Tensor& inputs, at::TensorList weights_t, at::TensorList weights, at::TensorList biases,
+    at::TensorList contexts, at::TensorList extents, at::IntArrayRef layer_info, int64_t activation,
     double epsilon) {
   TORCH_CHECK(activation >= 0 && activation <= 3, "made_forward: unknown activation ", activation);
   const LayerList list = check_layers(inputs, weights_t, weights, biases, contexts, extents, layer_info);
@@ -231,7 +236,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> made_forward_cpu(
 
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> made_backward_cpu(
     const Tensor& grad_outputs, const Tensor& grad_logabsdet, const Tensor& inputs, at::TensorList weights_t,
-    at::TensorList weights, const OptTensorList& biases, const OptTensorList& contexts, at::TensorList extents,
+    at::TensorList weights, at::TensorList biases, at::TensorList contexts, at::TensorList extents,
     at::IntArrayRef layer_info, at::TensorList saved, int64_t activation, double epsilon) {
   const LayerList list = check_layers(inputs, weights_t, weights, biases, contexts, extents, layer_info);
   const int64_t N = inputs.size(0), L = static_cast<int64_t>(weights_t.size());
@@ -243,8 +248,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
   std::vector<Tensor> grad_wt, grad_b, grad_ctx;
   for (int64_t l = 0; l < L; ++l) {
     grad_wt.push_back(at::empty_like(weights_t[l]));
-    const bool has_bias = biases[l].has_value() && biases[l]->defined();
-    const bool has_ctx = contexts[l].has_value() && contexts[l]->defined();
+    const bool has_bias = present(biases[l]), has_ctx = present(contexts[l]);
     grad_b.push_back(at::empty({has_bias ? weights_t[l].size(1) : 0}, inputs.options()));
     grad_ctx.push_back(at::empty({has_ctx ? N : 0, weights_t[l].size(1)}, inputs.options()));
   }
@@ -290,14 +294,14 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
 
 TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   // The MAF forward with its log-determinant in one pass. layer_info, 4 per layer: (src buffer, residual buffer or -1,
-  // act_in, act_out); buffer 0 is the inputs, buffer l + 1 layer l's output. Units are sorted by degree and
+  // act_in, act_out); buffer 0 is the inputs, buffer l + 1 layer l's output. Units are sorted by degree; an empty bias or context is an absent one;
   // extents[l][u] is how many inputs unit u reads. Returns (outputs, logabsdet, saved activations).
   m.def(
-      "made_forward(Tensor inputs, Tensor[] weights_t, Tensor[] weights, Tensor?[] biases, Tensor?[] contexts, "
+      "made_forward(Tensor inputs, Tensor[] weights_t, Tensor[] weights, Tensor[] biases, Tensor[] contexts, "
       "Tensor[] extents, int[] layer_info, int activation, float epsilon) -> (Tensor, Tensor, Tensor[])");
   m.def(
       "made_backward(Tensor grad_outputs, Tensor grad_logabsdet, Tensor inputs, Tensor[] weights_t, "
-      "Tensor[] weights, Tensor?[] biases, Tensor?[] contexts, Tensor[] extents, int[] layer_info, "
+      "Tensor[] weights, Tensor[] biases, Tensor[] contexts, Tensor[] extents, int[] layer_info, "
       "Tensor[] saved, int activation, float epsilon) -> (Tensor, Tensor[], Tensor[], Tensor[])");
 }
 

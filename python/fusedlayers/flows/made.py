@@ -101,6 +101,9 @@ class MaskedResidualBlock(nn.Module):
         linear_1 = MaskedLinear(linear_0.degrees, features, autoregressive_features, False, is_output=False)
         self.linear_layers = nn.ModuleList([linear_0, linear_1])
         self.degrees = linear_1.degrees
+        # Whether each unit keeps its input's degree (true as built here): the fused kernels add the residual
+        # unit by unit in degree order and need it. Known at construction, so traced code need not compare.
+        self.degrees_match_inputs = bool(torch.equal(self.degrees, in_degrees))
         if not bool(torch.all(self.degrees >= in_degrees)):
             raise RuntimeError("In a masked residual block, the output degrees can't be less than the "
                                "corresponding input degrees.")

@@ -82,7 +82,7 @@ def made_inverse(made: MADE, targets: Tensor, context: Tensor | None, epsilon: f
                         act_out=not made.use_residual_blocks, context=initial_context)
     for block in made.blocks:
         if isinstance(block, MaskedResidualBlock):
-            if block.activation is not made.activation or not torch.equal(block.degrees, degrees):
+            if block.activation is not made.activation or not block.degrees_match_inputs:
                 return None
             bn = block.batch_norm_layers if block.use_batch_norm else (None, None)
             inner_context = block.context_layer(context) if context is not None else None
@@ -108,3 +108,69 @@ def made_inverse(made: MADE, targets: Tensor, context: Tensor | None, epsilon: f
     return _op(targets.contiguous(), stages.weights, stages.biases, stages.in_affine, stages.out_affine,
                stages.contexts, torch.tensor(stages.info, dtype=torch.int64), torch.stack(stages.offsets),
                act, float(epsilon))
+
+
+# ---- the fused forward pass (density direction) with its backward
+
+_forward_op = torch.ops.fusedlayers.made_forward
+
+
+class _Layers:
+    """The forward op's layer list; the permuted weights are built with differentiable ops, so the gradients
+    the op returns flow back to the MADE's parameters."""
+
+    def __init__(self):
+        self.weights_t, self.weights, self.biases, self.contexts, self.extents, self.info = [], [], [], [], [], []
+
+    def add(self, linear, in_perm, out_perm, src, residual=-1, act_in=False, act_out=False, context=None) -> int:
+        mask = linear.mask.index_select(0, out_perm).index_select(1, in_perm)
+        weight = linear.weight.index_select(0, out_perm).index_select(1, in_perm) * mask
+        self.weights_t.append(weight.t().contiguous())
+        self.weights.append(weight.detach().contiguous())
+        none = weight.new_empty(0)  # absent bias or context
+        self.biases.append(linear.bias.index_select(0, out_perm) if linear.bias is not None else none)
+        self.contexts.append(context.index_select(1, out_perm).contiguous() if context is not None else none)
+        # Sorted by degree, each mask row is a prefix of the (sorted) inputs: its length is all a unit reads.
+        self.extents.append(mask.sum(1).long().contiguous())
+        self.info += [src, residual, int(act_in), int(act_out)]
+        return len(self.info) // 4
+
+
+def made_forward(made: MADE, inputs: Tensor, context: Tensor | None, epsilon: float) -> tuple[Tensor, Tensor] | None:
+    """(scale * x + shift, sum log scale) through the fused op, or None when the MADE or the inputs are outside
+    what it covers (batch norm, dropout in training, other activations, dtypes or devices)."""
+    act = activation_code(made.activation)
+    has_dropout = made.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in made.modules())
+    has_batch_norm = any(isinstance(m, nn.BatchNorm1d) for m in made.modules())
+    if (act is None or has_dropout or has_batch_norm or made.output_multiplier != 2 or inputs.device.type != "cpu"
+            or inputs.dtype not in (torch.float32, torch.float64) or inputs.dim() != 2
+            or any(p.dtype != inputs.dtype for p in made.parameters())):
+        return None
+    layers = _Layers()
+    x_perm = torch.arange(made.features)
+    degrees = made.initial_layer.degrees
+    perm = _sorted(degrees)
+    initial_context = made.activation(made.context_layer(context)) if context is not None else None
+    buffer = layers.add(made.initial_layer, x_perm, perm, src=0, act_out=not made.use_residual_blocks,
+                        context=initial_context)
+    for block in made.blocks:
+        if block.activation is not made.activation:
+            return None
+        if isinstance(block, MaskedResidualBlock):
+            if not block.degrees_match_inputs:
+                return None
+            inner_perm = _sorted(block.linear_layers[0].degrees)
+            inner_context = block.context_layer(context) if context is not None else None
+            inner = layers.add(block.linear_layers[0], perm, inner_perm, src=buffer, act_in=True,
+                               context=inner_context)
+            buffer = layers.add(block.linear_layers[1], inner_perm, perm, src=inner, residual=buffer, act_in=True)
+        elif isinstance(block, MaskedFeedforwardBlock):
+            out_perm = _sorted(block.degrees)
+            buffer = layers.add(block.linear, perm, out_perm, src=buffer, act_out=True)
+            degrees, perm = block.degrees, out_perm
+        else:
+            return None
+    layers.add(made.final_layer, perm, _sorted(made.final_layer.degrees), src=buffer)
+    outputs, logabsdet, _ = _forward_op(inputs.contiguous(), layers.weights_t, layers.weights, layers.biases,
+                                        layers.contexts, layers.extents, layers.info, act, float(epsilon))
+    return outputs, logabsdet
