@@ -93,25 +93,27 @@ def test_empty_batch():
     assert x.shape == (0, 3) and logdet.shape == (0,)
 
 
+def op_arguments(name, run):
+    """The arguments made_plan passes to its op `name` while `run` runs."""
+    captured = []
+    real_op = getattr(made_plan, name)
+    setattr(made_plan, name, lambda *args: captured.append(args) or real_op(*args))
+    try:
+        run()
+    finally:
+        setattr(made_plan, name, real_op)
+    return captured[0]
+
+
 def test_opcheck():
     t = make_transform(3, context_features=2, use_batch_norm=True)
     y = torch.randn(6, 3, dtype=torch.float64)
     context = torch.randn(6, 2, dtype=torch.float64)
-    captured = {}
-    real_op = made_plan._op
-
-    def capture(*args):
-        captured["args"] = args
-        return real_op(*args)
-    made_plan._op = capture
-    try:
-        with torch.no_grad():
-            made_plan.made_inverse(t.autoregressive_net, y, context, t._epsilon)
-    finally:
-        made_plan._op = real_op
+    with torch.no_grad():
+        captured = op_arguments("_op", lambda: made_plan.made_inverse(t.autoregressive_net, y, context, t._epsilon))
     args = tuple([a.detach() if isinstance(a, torch.Tensor) else
                   [x.detach() if isinstance(x, torch.Tensor) else x for x in a] if isinstance(a, list) else a
-                  for a in captured["args"]])
+                  for a in captured])
     torch.library.opcheck(torch.ops.fusedlayers.made_inverse.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
@@ -192,18 +194,8 @@ def test_fused_forward_opcheck_and_compile():
     t = make_transform(3, context_features=2)
     x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     context = torch.randn(6, 2, dtype=torch.float64)
-    captured = {}
-    real_op = made_plan._forward_op
-
-    def capture(*args):
-        captured["args"] = args
-        return real_op(*args)
-    made_plan._forward_op = capture
-    try:
-        t(x, context)
-    finally:
-        made_plan._forward_op = real_op
-    torch.library.opcheck(torch.ops.fusedlayers.made_forward.default, captured["args"])
+    captured = op_arguments("_forward_op", lambda: t(x, context))
+    torch.library.opcheck(torch.ops.fusedlayers.made_forward.default, captured)
     compiled = torch.compile(lambda a, c: t(a, c), fullgraph=True, backend="aot_eager")
     for a, b in zip(compiled(x, context), t(x, context)):
         torch.testing.assert_close(a, b, **TOL)
