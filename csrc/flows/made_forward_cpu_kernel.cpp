@@ -37,6 +37,29 @@ void activate(MadeActivation kind, const T* in, T* out, int64_t n) {
   for (; c < n; ++c) out[c] = made_activation(kind, in[c]);
 }
 
+// In place: unconstrained -> scale = softplus + epsilon; also log(scale) and, if asked, d scale / d unconstrained.
+// Vectorised: libm's scalar log and log1p cost more than the whole network's products at small hidden sizes.
+template <typename T>
+void affine_scales(T* values, T* log_scale, T* slope, int64_t n, T epsilon) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const Vec raw = Vec::loadu(values + i);
+    const Vec large = raw > Vec(T(20));
+    const Vec scale = Vec::blendv(raw.exp().log1p(), raw, large) + Vec(epsilon);
+    scale.store(values + i);
+    scale.log().store(log_scale + i);
+    if (slope) Vec::blendv(Vec(T(1)) / (Vec(T(1)) + raw.neg().exp()), Vec(T(1)), large).store(slope + i);
+  }
+  for (; i < n; ++i) {
+    const T raw = values[i];
+    values[i] = affine_scale(raw, epsilon);
+    log_scale[i] = std::log(values[i]);
+    if (slope) slope[i] = affine_scale_grad(raw);
+  }
+}
+
 // The rows of buffer `id` for samples [n0, ...): x, or a layer's saved output.
 template <typename T, typename Layers>
 const T* buffer_rows(Layers layers, const T* inputs, int64_t features, int64_t id, int64_t n0) {
@@ -44,20 +67,51 @@ const T* buffer_rows(Layers layers, const T* inputs, int64_t features, int64_t i
   return layers[id - 1].dst + n0 * layers[id - 1].out_units;
 }
 
+// Where one slab's activations live: the saved [batch, units] tensors (when the backward needs them) or
+// buffers of this worker's own, [kRows, units], reused from slab to slab.
 template <typename T>
-void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows) {
+struct SlabRows {
+  std::vector<T*> dst, activated, pre;
+  std::vector<std::vector<T>> own;
+
+  void point(const MadeForwardArgs<T>& a, int64_t n0) {
+    const auto L = static_cast<size_t>(a.num_layers);
+    dst.assign(L, nullptr);
+    activated.assign(L, nullptr);
+    pre.assign(L, nullptr);
+    own.resize(3 * L);
+    for (size_t l = 0; l < L; ++l) {
+      const MadeLayer<T>& y = a.layers[l];
+      own[3 * l + 1].resize(y.act_in ? kRows * y.in_units : 0);  // activated inputs are never saved
+      activated[l] = own[3 * l + 1].data();
+      if (a.save) {
+        dst[l] = y.dst + n0 * y.out_units;
+        pre[l] = y.act_out ? y.pre + n0 * y.out_units : nullptr;
+        continue;
+      }
+      own[3 * l].resize(kRows * y.out_units);
+      own[3 * l + 2].resize(y.act_out ? kRows * y.out_units : 0);
+      dst[l] = own[3 * l].data();
+      pre[l] = own[3 * l + 2].data();
+    }
+  }
+};
+
+template <typename T>
+void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows, SlabRows<T>& slab) {
   const auto act = static_cast<MadeActivation>(a.activation);
   const int64_t D = a.features;
+  slab.point(a, n0);
+  const auto buffer = [&](int64_t id) -> const T* { return id == 0 ? a.inputs + n0 * D : slab.dst[id - 1]; };
   for (int64_t l = 0; l < a.num_layers; ++l) {
-    MadeLayer<T>& y = a.layers[l];
+    const MadeLayer<T>& y = a.layers[l];
     const int64_t in = y.in_units, out = y.out_units;
-    const T* input = buffer_rows<T>(a.layers, a.inputs, D, y.src, n0);
+    const T* input = buffer(y.src);
     if (y.act_in) {
-      T* activated = y.activated + n0 * in;
-      activate(act, input, activated, rows * in);
-      input = activated;
+      activate(act, input, slab.activated[l], rows * in);
+      input = slab.activated[l];
     }
-    T* z = (y.act_out ? y.pre : y.dst) + n0 * out;
+    T* z = y.act_out ? slab.pre[l] : slab.dst[l];
     for (int64_t c0 = 0; c0 < out; c0 += kColumnBlock) {
       const int64_t c1 = std::min(out, c0 + kColumnBlock), k = y.extent[c1 - 1];
       if (k > 0)
@@ -65,8 +119,8 @@ void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows) {
       else
         for (int64_t r = 0; r < rows; ++r) std::fill(z + r * out + c0, z + r * out + c1, T(0));
     }
-    T* dst = y.dst + n0 * out;
-    const T* residual = y.residual >= 0 ? buffer_rows<T>(a.layers, a.inputs, D, y.residual, n0) : nullptr;
+    T* dst = slab.dst[l];
+    const T* residual = y.residual >= 0 ? buffer(y.residual) : nullptr;
     for (int64_t r = 0; r < rows; ++r) {
       T* zr = z + r * out;
       if (y.bias)
@@ -81,13 +135,16 @@ void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows) {
     }
   }
   // The affine map: params hold (unconstrained scale, shift) per feature.
-  const T* params = a.layers[a.num_layers - 1].dst + n0 * 2 * D;
+  const T* params = slab.dst[a.num_layers - 1];
+  std::vector<T> scale(D), log_scale(D);
   for (int64_t r = 0; r < rows; ++r) {
+    const T* p = params + r * 2 * D;
+    for (int64_t i = 0; i < D; ++i) scale[i] = p[2 * i];
+    affine_scales(scale.data(), log_scale.data(), static_cast<T*>(nullptr), D, a.epsilon);
     T logdet = 0;
     for (int64_t i = 0; i < D; ++i) {
-      const T scale = affine_scale(params[r * 2 * D + 2 * i], a.epsilon);
-      a.outputs[(n0 + r) * D + i] = scale * a.inputs[(n0 + r) * D + i] + params[r * 2 * D + 2 * i + 1];
-      logdet += std::log(scale);
+      a.outputs[(n0 + r) * D + i] = scale[i] * a.inputs[(n0 + r) * D + i] + p[2 * i + 1];
+      logdet += log_scale[i];
     }
     a.logabsdet[n0 + r] = logdet;
   }
@@ -97,7 +154,8 @@ template <typename T>
 void forward(const MadeForwardArgs<T>& a) {
   const int64_t slabs = (a.batch + kRows - 1) / kRows;
   parallel_for(slabs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) forward_slab(a, s * kRows, std::min(kRows, a.batch - s * kRows));
+    SlabRows<T> slab;
+    for (int64_t s = begin; s < end; ++s) forward_slab(a, s * kRows, std::min(kRows, a.batch - s * kRows), slab);
   });
 }
 
@@ -119,14 +177,17 @@ void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accum
   // The affine map's backward.
   const T* params = a.layers[L - 1].dst + n0 * 2 * D;
   T* dparams = grads[L].data();
+  scratch.resize(3 * D);
+  T *scale = scratch.data(), *log_scale = scale + D, *slope = log_scale + D;
   for (int64_t r = 0; r < rows; ++r) {
     const T dl = a.grad_logabsdet[n0 + r];
+    for (int64_t i = 0; i < D; ++i) scale[i] = params[r * 2 * D + 2 * i];
+    affine_scales(scale, log_scale, slope, D, a.epsilon);
     for (int64_t i = 0; i < D; ++i) {
-      const T raw = params[r * 2 * D + 2 * i], scale = affine_scale(raw, a.epsilon);
       const T dy = a.grad_outputs[(n0 + r) * D + i], x = a.inputs[(n0 + r) * D + i];
-      dparams[r * 2 * D + 2 * i] = (dy * x + dl / scale) * affine_scale_grad(raw);
+      dparams[r * 2 * D + 2 * i] = (dy * x + dl / scale[i]) * slope[i];
       dparams[r * 2 * D + 2 * i + 1] = dy;
-      grads[0][r * D + i] += dy * scale;
+      grads[0][r * D + i] += dy * scale[i];
     }
   }
   for (int64_t l = L - 1; l >= 0; --l) {
@@ -139,18 +200,26 @@ void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accum
     }
     if (y.act_out) {
       const T* pre = y.pre + n0 * out;
-      for (int64_t e = 0; e < rows * out; ++e) dz[e] *= made_activation_grad(act, pre[e]);
+      if (act == MadeActivation::relu)
+        for (int64_t e = 0; e < rows * out; ++e) dz[e] = pre[e] > T(0) ? dz[e] : T(0);
+      else
+        for (int64_t e = 0; e < rows * out; ++e) dz[e] *= made_activation_grad(act, pre[e]);
     }
     if (a.grad_context[l]) std::copy(dz, dz + rows * out, a.grad_context[l] + n0 * out);
     if (y.bias)
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < out; ++c) acc.bias[l][c] += dz[r * out + c];
     const T* src = buffer_rows<T>(a.layers, a.inputs, D, y.src, n0);
-    const T* input = y.act_in ? y.activated + n0 * in : src;
     // dWt[0:k, block] += input^T[0:k, :] dz[:, block]; dA[:, 0:k] += dz[:, block] W[block, 0:k].
-    scratch.resize(in * rows + rows * in);
+    scratch.resize(3 * in * rows);
     T* input_t = scratch.data();
     T* da = scratch.data() + in * rows;
+    const T* input = src;
+    if (y.act_in) {  // recomputed: cheaper than saving it
+      T* activated = da + in * rows;
+      activate(act, src, activated, rows * in);
+      input = activated;
+    }
     transpose_copy(rows, in, input, in, input_t, rows);
     std::fill(da, da + rows * in, T(0));
     for (int64_t c0 = 0; c0 < out; c0 += kColumnBlock) {
@@ -160,8 +229,12 @@ void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accum
       gemm(rows, k, c1 - c0, dz + c0, out, y.weight + c0 * in, in, da, in, true);
     }
     T* dsrc = grads[y.src].data();
-    for (int64_t e = 0; e < rows * in; ++e)
-      dsrc[e] += y.act_in ? da[e] * made_activation_grad(act, src[e]) : da[e];
+    if (!y.act_in)
+      for (int64_t e = 0; e < rows * in; ++e) dsrc[e] += da[e];
+    else if (act == MadeActivation::relu)
+      for (int64_t e = 0; e < rows * in; ++e) dsrc[e] += src[e] > T(0) ? da[e] : T(0);
+    else
+      for (int64_t e = 0; e < rows * in; ++e) dsrc[e] += da[e] * made_activation_grad(act, src[e]);
   }
   std::copy(grads[0].begin(), grads[0].end(), a.grad_inputs + n0 * D);
 }

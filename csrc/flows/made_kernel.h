@@ -60,10 +60,9 @@ struct MadeLayer {
   const T* bias = nullptr;         // [out_units] or null
   const T* context = nullptr;      // [batch, out_units] or null
   const int64_t* extent = nullptr; // [out_units], non-decreasing
-  // Saved by the forward, read by the backward ([batch, units] each): the layer's output, its activated
-  // input (act_in only) and its pre-activation output (act_out only).
+  // Saved by the forward, read by the backward ([batch, units] each): the layer's output and its
+  // pre-activation output (act_out only). An activated input is recomputed from its source.
   T* dst = nullptr;
-  T* activated = nullptr;
   T* pre = nullptr;
 };
 
@@ -72,7 +71,8 @@ struct MadeForwardArgs {
   int64_t batch = 0, features = 0, num_layers = 0;
   int activation = 0;
   T epsilon = T(1e-3);
-  MadeLayer<T>* layers = nullptr;  // the last is the output layer (2 rows per feature); its dst holds the params
+  const MadeLayer<T>* layers = nullptr;  // the last is the output layer (2 rows per feature): the params
+  bool save = true;  // keep every activation for the backward (else the saved pointers are unused)
   const T* inputs = nullptr;       // [batch, features]
   T* outputs = nullptr;            // [batch, features]: scale * x + shift
   T* logabsdet = nullptr;          // [batch]

@@ -3,9 +3,12 @@
 // stages (see made_kernel.h).
 #include "flows/made_kernel.h"
 
+#include "common/derived_cache.h"
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -116,109 +119,155 @@ std::tuple<Tensor, Tensor> made_inverse_cpu(const Tensor& targets, at::TensorLis
 }
 
 // ---- the forward pass (density direction) and its backward
+//
+// The op takes the module's own tensors (weights [out, in], masks, biases, context terms, all in the module's
+// unit order) and the permutations that sort each layer's units by degree; it derives the sorted, masked
+// weights (cached while a weight is unchanged) and returns gradients in the module's order again, so autograd
+// needs no permuting ops of its own.
 
 // Biases and contexts are Tensor[] (autograd returns one gradient list per list argument only when every entry
 // is a tensor); an empty tensor stands for an absent one.
 bool present(const Tensor& t) { return t.defined() && t.numel() > 0; }
 
-struct LayerList {
-  std::vector<int64_t> src, residual, act_in, act_out;
+struct MadeNet {
+  std::vector<int64_t> src, residual, act_in, act_out, in_units, out_units;
+  std::vector<Tensor> weight, weight_t, extent;  // sorted: [out, in], [in, out], inputs read per output unit
 };
 
-LayerList check_layers(const Tensor& inputs, at::TensorList weights_t, at::TensorList weights,
-                       at::TensorList biases, at::TensorList contexts, at::TensorList extents,
-                       at::IntArrayRef layer_info) {
+template <typename T>
+Tensor sort_weight(const Tensor& weight, const Tensor& mask, const int64_t* out_perm, const int64_t* in_perm) {
+  const int64_t out = weight.size(0), in = weight.size(1);
+  Tensor sorted = at::empty({out, in}, weight.options());
+  const T* w = weight.data_ptr<T>();
+  const T* m = mask.data_ptr<T>();
+  T* s = sorted.data_ptr<T>();
+  for (int64_t o = 0; o < out; ++o) {
+    const T* w_row = w + out_perm[o] * in;
+    const T* m_row = m + out_perm[o] * in;
+    for (int64_t i = 0; i < in; ++i) s[o * in + i] = w_row[in_perm[i]] * m_row[in_perm[i]];
+  }
+  return sorted;
+}
+
+MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorList masks, at::TensorList in_perms,
+                     at::TensorList out_perms, at::TensorList biases, at::TensorList contexts,
+                     at::IntArrayRef layer_info) {
   constexpr const char* op = "made_forward";
   TORCH_CHECK(inputs.device().is_cpu() && inputs.dim() == 2 && inputs.is_contiguous(), op,
               ": inputs must be a contiguous 2-D CPU tensor, got ", inputs.sizes());
   const auto dtype = inputs.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op, ": inputs must be float32 or float64, got ",
                    dtype);
-  const int64_t L = static_cast<int64_t>(weights_t.size()), N = inputs.size(0), D = inputs.size(1);
-  TORCH_CHECK(L >= 1 && static_cast<int64_t>(weights.size()) == L && static_cast<int64_t>(biases.size()) == L &&
-                  static_cast<int64_t>(contexts.size()) == L && static_cast<int64_t>(extents.size()) == L,
-              op, ": one weight, bias, context and extent entry per layer");
-  TORCH_CHECK(static_cast<int64_t>(layer_info.size()) == 4 * L, op, ": layer_info must hold 4 ints per layer");
-  const int64_t* li = layer_info.data();
-  LayerList out;
+  const int64_t L = static_cast<int64_t>(weights.size()), N = inputs.size(0), D = inputs.size(1);
+  for (const auto* list : {&masks, &in_perms, &out_perms, &biases, &contexts})
+    TORCH_CHECK(static_cast<int64_t>(list->size()) == L, op, ": one mask, permutation, bias and context per layer");
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(layer_info.size()) == 4 * L, op,
+              ": layer_info must hold 4 ints per layer");
+  MadeNet net;
   std::vector<int64_t> units{D};
   for (int64_t l = 0; l < L; ++l) {
-    const Tensor& wt = weights_t[l];
-    TORCH_CHECK(wt.scalar_type() == dtype && wt.dim() == 2 && wt.is_contiguous() && weights[l].is_contiguous() &&
-                    weights[l].scalar_type() == dtype && weights[l].sizes() == at::IntArrayRef({wt.size(1), wt.size(0)}),
-                op, ": layer ", l, " needs contiguous weight_t [in, out] and weight [out, in] of the inputs' dtype");
-    const int64_t src = li[l * 4], residual = li[l * 4 + 1];
-    TORCH_CHECK(src >= 0 && src <= l && units[src] == wt.size(0), op, ": layer ", l,
+    const Tensor& w = weights[l];
+    const int64_t out = w.size(0), in = w.dim() == 2 ? w.size(1) : -1;
+    TORCH_CHECK(w.scalar_type() == dtype && w.dim() == 2 && w.is_contiguous() && masks[l].is_contiguous() &&
+                    masks[l].scalar_type() == dtype && masks[l].sizes() == w.sizes(),
+                op, ": layer ", l, " needs a contiguous weight and mask of one shape and the inputs' dtype");
+    for (const auto& [perm, n] : {std::pair{&in_perms[l], in}, {&out_perms[l], out}}) {
+      TORCH_CHECK(perm->scalar_type() == at::kLong && perm->is_contiguous() && perm->numel() == n, op, ": layer ",
+                  l, " permutations must be int64 with one entry per unit");
+      TORCH_CHECK(n == 0 || (perm->min().item<int64_t>() >= 0 && perm->max().item<int64_t>() < n), op,
+                  ": layer ", l, " permutation out of range");
+    }
+    const int64_t src = layer_info[l * 4], residual = layer_info[l * 4 + 1];
+    TORCH_CHECK(src >= 0 && src <= l && units[src] == in, op, ": layer ", l,
                 " reads a buffer that does not exist yet or has the wrong size");
-    TORCH_CHECK(residual <= l && (residual < 0 || units[residual] == wt.size(1)), op, ": layer ", l,
+    TORCH_CHECK(residual <= l && (residual < 0 || units[residual] == out), op, ": layer ", l,
                 " has a bad residual buffer");
-    const Tensor& ext = extents[l];
-    TORCH_CHECK(ext.scalar_type() == at::kLong && ext.is_contiguous() && ext.numel() == wt.size(1), op,
-                ": layer ", l, " needs an int64 extent per output unit");
-    TORCH_CHECK(ext.numel() == 0 || (ext.min().item<int64_t>() >= 0 && ext.max().item<int64_t>() <= wt.size(0) &&
-                                     (ext.numel() < 2 || (ext.diff() >= 0).all().item<bool>())),
-                op, ": layer ", l, " extents must be non-decreasing and within the inputs");
-    const Tensor& bias = biases[l];
-    const Tensor& context = contexts[l];
-    if (present(bias))
-      TORCH_CHECK(bias.scalar_type() == dtype && bias.is_contiguous() && bias.numel() == wt.size(1), op,
-                  ": layer ", l, " bias must have ", wt.size(1), " elements");
-    if (present(context))
-      TORCH_CHECK(context.scalar_type() == dtype && context.is_contiguous() &&
-                      context.sizes() == at::IntArrayRef({N, wt.size(1)}),
-                  op, ": layer ", l, " context must be [batch, ", wt.size(1), "]");
-    units.push_back(wt.size(1));
-    out.src.push_back(src);
-    out.residual.push_back(residual);
-    out.act_in.push_back(li[l * 4 + 2]);
-    out.act_out.push_back(li[l * 4 + 3]);
+    if (present(biases[l]))
+      TORCH_CHECK(biases[l].scalar_type() == dtype && biases[l].is_contiguous() && biases[l].numel() == out, op,
+                  ": layer ", l, " bias must have ", out, " elements");
+    if (present(contexts[l]))
+      TORCH_CHECK(contexts[l].scalar_type() == dtype && contexts[l].is_contiguous() &&
+                      contexts[l].sizes() == at::IntArrayRef({N, out}),
+                  op, ": layer ", l, " context must be [batch, ", out, "]");
+    const Tensor& mask = masks[l];
+    const int64_t* po = out_perms[l].data_ptr<int64_t>();
+    const int64_t* pi = in_perms[l].data_ptr<int64_t>();
+    const std::string key = "made:" + std::to_string(reinterpret_cast<uintptr_t>(mask.data_ptr())) + ":" +
+                            std::to_string(mask._version()) + ":" +
+                            std::to_string(reinterpret_cast<uintptr_t>(po)) + ":" +
+                            std::to_string(reinterpret_cast<uintptr_t>(pi));
+    Tensor sorted = cached_derived(w, key, [&] {
+      return AT_DISPATCH_FLOATING_TYPES(dtype, "made_sort_weight", [&] { return sort_weight<scalar_t>(w, mask, po, pi); });
+    });
+    net.weight.push_back(sorted);
+    net.weight_t.push_back(cached_derived(w, key + ":t", [&] { return sorted.t().contiguous(); }));
+    // Sorted by degree, each mask row is a prefix of the sorted inputs: its count is all that unit reads.
+    Tensor extent = (mask.ne(0).sum(1)).index_select(0, out_perms[l]).contiguous();
+    TORCH_CHECK(out < 2 || (extent.diff() >= 0).all().item<bool>(), op, ": layer ", l,
+                " is not sorted by degree (its units' input counts must not decrease)");
+    net.extent.push_back(extent);
+    units.push_back(out);
+    net.src.push_back(src);
+    net.residual.push_back(residual);
+    net.act_in.push_back(layer_info[l * 4 + 2]);
+    net.act_out.push_back(layer_info[l * 4 + 3]);
+    net.in_units.push_back(in);
+    net.out_units.push_back(out);
   }
   TORCH_CHECK(units.back() == 2 * D, op, ": the output layer must have 2 units per feature");
-  return out;
+  return net;
 }
 
 template <typename T>
-std::vector<MadeLayer<T>> describe(const LayerList& list, at::TensorList weights_t, at::TensorList weights,
-                                   at::TensorList biases, at::TensorList contexts,
-                                   at::TensorList extents, at::TensorList saved) {
-  std::vector<MadeLayer<T>> layers(weights_t.size());
+std::vector<MadeLayer<T>> kernel_layers(const MadeNet& net, const std::vector<Tensor>& biases,
+                                        const std::vector<Tensor>& contexts, at::TensorList saved) {
+  std::vector<MadeLayer<T>> layers(net.weight.size());
   for (size_t l = 0; l < layers.size(); ++l) {
     MadeLayer<T>& y = layers[l];
-    y.src = list.src[l];
-    y.residual = list.residual[l];
-    y.act_in = list.act_in[l] != 0;
-    y.act_out = list.act_out[l] != 0;
-    y.in_units = weights_t[l].size(0);
-    y.out_units = weights_t[l].size(1);
-    y.weight_t = weights_t[l].data_ptr<T>();
-    y.weight = weights[l].data_ptr<T>();
+    y.src = net.src[l];
+    y.residual = net.residual[l];
+    y.act_in = net.act_in[l] != 0;
+    y.act_out = net.act_out[l] != 0;
+    y.in_units = net.in_units[l];
+    y.out_units = net.out_units[l];
+    y.weight_t = net.weight_t[l].data_ptr<T>();
+    y.weight = net.weight[l].data_ptr<T>();
     y.bias = present(biases[l]) ? biases[l].data_ptr<T>() : nullptr;
     y.context = present(contexts[l]) ? contexts[l].data_ptr<T>() : nullptr;
-    y.extent = extents[l].data_ptr<int64_t>();
-    y.dst = saved[3 * l].data_ptr<T>();
-    y.activated = y.act_in ? saved[3 * l + 1].data_ptr<T>() : nullptr;
-    y.pre = y.act_out ? saved[3 * l + 2].data_ptr<T>() : nullptr;
+    y.extent = net.extent[l].data_ptr<int64_t>();
+    y.dst = saved[2 * l].numel() ? saved[2 * l].data_ptr<T>() : nullptr;
+    y.pre = saved[2 * l + 1].numel() ? saved[2 * l + 1].data_ptr<T>() : nullptr;
   }
   return layers;
 }
 
+// Biases and context terms in sorted unit order (absent ones stay empty).
+std::pair<std::vector<Tensor>, std::vector<Tensor>> sorted_terms(at::TensorList biases, at::TensorList contexts,
+                                                                 at::TensorList out_perms) {
+  std::vector<Tensor> b, c;
+  for (size_t l = 0; l < biases.size(); ++l) {
+    b.push_back(present(biases[l]) ? biases[l].index_select(0, out_perms[l]) : biases[l]);
+    c.push_back(present(contexts[l]) ? contexts[l].index_select(1, out_perms[l]) : contexts[l]);
+  }
+  return {b, c};
+}
+
 std::tuple<Tensor, Tensor, std::vector<Tensor>> made_forward_cpu(
-    const Tensor& inputs, at::TensorList weights_t, at::TensorList weights, at::TensorList biases,
-    at::TensorList contexts, at::TensorList extents, at::IntArrayRef layer_info, int64_t activation,
-    double epsilon) {
+    const Tensor& inputs, at::TensorList weights, at::TensorList masks, at::TensorList in_perms,
+    at::TensorList out_perms, at::TensorList biases, at::TensorList contexts, at::IntArrayRef layer_info,
+    int64_t activation, double epsilon, bool save) {
   TORCH_CHECK(activation >= 0 && activation <= 3, "made_forward: unknown activation ", activation);
-  const LayerList list = check_layers(inputs, weights_t, weights, biases, contexts, extents, layer_info);
-  const int64_t N = inputs.size(0);
+  const MadeNet net = describe_net(inputs, weights, masks, in_perms, out_perms, biases, contexts, layer_info);
+  const auto [b, c] = sorted_terms(biases, contexts, out_perms);
+  const int64_t N = inputs.size(0), rows = save ? N : 0;
   std::vector<Tensor> saved;
-  for (size_t l = 0; l < weights_t.size(); ++l) {
-    const int64_t in = weights_t[l].size(0), out = weights_t[l].size(1);
-    saved.push_back(at::empty({N, out}, inputs.options()));
-    saved.push_back(at::empty({list.act_in[l] ? N : 0, in}, inputs.options()));
-    saved.push_back(at::empty({list.act_out[l] ? N : 0, out}, inputs.options()));
+  for (size_t l = 0; l < net.weight.size(); ++l) {
+    saved.push_back(at::empty({rows, net.out_units[l]}, inputs.options()));
+    saved.push_back(at::empty({net.act_out[l] ? rows : 0, net.out_units[l]}, inputs.options()));
   }
   Tensor outputs = at::empty_like(inputs), logabsdet = at::empty({N}, inputs.options());
   AT_DISPATCH_FLOATING_TYPES(inputs.scalar_type(), "made_forward", [&] {
-    auto layers = describe<scalar_t>(list, weights_t, weights, biases, contexts, extents, saved);
+    const auto layers = kernel_layers<scalar_t>(net, b, c, saved);
     MadeForwardArgs<scalar_t> a;
     a.batch = N;
     a.features = inputs.size(1);
@@ -226,6 +275,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> made_forward_cpu(
     a.activation = static_cast<int>(activation);
     a.epsilon = static_cast<scalar_t>(epsilon);
     a.layers = layers.data();
+    a.save = save;
     a.inputs = inputs.data_ptr<scalar_t>();
     a.outputs = outputs.data_ptr<scalar_t>();
     a.logabsdet = logabsdet.data_ptr<scalar_t>();
@@ -235,25 +285,26 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> made_forward_cpu(
 }
 
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> made_backward_cpu(
-    const Tensor& grad_outputs, const Tensor& grad_logabsdet, const Tensor& inputs, at::TensorList weights_t,
-    at::TensorList weights, at::TensorList biases, at::TensorList contexts, at::TensorList extents,
-    at::IntArrayRef layer_info, at::TensorList saved, int64_t activation, double epsilon) {
-  const LayerList list = check_layers(inputs, weights_t, weights, biases, contexts, extents, layer_info);
-  const int64_t N = inputs.size(0), L = static_cast<int64_t>(weights_t.size());
-  TORCH_CHECK(static_cast<int64_t>(saved.size()) == 3 * L, "made_backward: saved must come from made_forward");
+    const Tensor& grad_outputs, const Tensor& grad_logabsdet, const Tensor& inputs, at::TensorList weights,
+    at::TensorList masks, at::TensorList in_perms, at::TensorList out_perms, at::TensorList biases,
+    at::TensorList contexts, at::IntArrayRef layer_info, at::TensorList saved, int64_t activation, double epsilon) {
+  const MadeNet net = describe_net(inputs, weights, masks, in_perms, out_perms, biases, contexts, layer_info);
+  const int64_t N = inputs.size(0), L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == 2 * L && saved[0].size(0) == N,
+              "made_backward: saved must come from made_forward with save=True");
+  const auto [b, c] = sorted_terms(biases, contexts, out_perms);
   const Tensor go = grad_outputs.to(inputs.scalar_type()).contiguous();
   const Tensor gl = grad_logabsdet.to(inputs.scalar_type()).contiguous();
   TORCH_CHECK(go.sizes() == inputs.sizes() && gl.numel() == N, "made_backward: gradients of the wrong shape");
   Tensor grad_inputs = at::empty_like(inputs);
   std::vector<Tensor> grad_wt, grad_b, grad_ctx;
   for (int64_t l = 0; l < L; ++l) {
-    grad_wt.push_back(at::empty_like(weights_t[l]));
-    const bool has_bias = present(biases[l]), has_ctx = present(contexts[l]);
-    grad_b.push_back(at::empty({has_bias ? weights_t[l].size(1) : 0}, inputs.options()));
-    grad_ctx.push_back(at::empty({has_ctx ? N : 0, weights_t[l].size(1)}, inputs.options()));
+    grad_wt.push_back(at::empty_like(net.weight_t[l]));
+    grad_b.push_back(at::empty({present(biases[l]) ? net.out_units[l] : 0}, inputs.options()));
+    grad_ctx.push_back(at::empty({present(contexts[l]) ? N : 0, net.out_units[l]}, inputs.options()));
   }
   AT_DISPATCH_FLOATING_TYPES(inputs.scalar_type(), "made_backward", [&] {
-    auto layers = describe<scalar_t>(list, weights_t, weights, biases, contexts, extents, saved);
+    const auto layers = kernel_layers<scalar_t>(net, b, c, saved);
     std::vector<scalar_t*> dwt(L), db(L), dctx(L);
     for (int64_t l = 0; l < L; ++l) {
       dwt[l] = grad_wt[l].data_ptr<scalar_t>();
@@ -276,7 +327,15 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
     a.grad_context = dctx.data();
     FL_DISPATCH_ISA(made_backward, a);
   });
-  return {grad_inputs, grad_wt, grad_b, grad_ctx};
+  // Back to the module's unit order; the weight gradient masked (the mask multiplies the weight).
+  std::vector<Tensor> grad_w, grad_bias, grad_context;
+  for (int64_t l = 0; l < L; ++l) {
+    const Tensor inverse_out = at::argsort(out_perms[l]), inverse_in = at::argsort(in_perms[l]);
+    grad_w.push_back(grad_wt[l].t().index_select(0, inverse_out).index_select(1, inverse_in).mul_(masks[l]));
+    grad_bias.push_back(grad_b[l].numel() ? grad_b[l].index_select(0, inverse_out) : grad_b[l]);
+    grad_context.push_back(grad_ctx[l].numel() ? grad_ctx[l].index_select(1, inverse_out) : grad_ctx[l]);
+  }
+  return {grad_inputs, grad_w, grad_bias, grad_context};
 }
 
 }  // namespace
@@ -293,15 +352,18 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
 }
 
 TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
-  // The MAF forward with its log-determinant in one pass. layer_info, 4 per layer: (src buffer, residual buffer or -1,
-  // act_in, act_out); buffer 0 is the inputs, buffer l + 1 layer l's output. Units are sorted by degree; an empty bias or context is an absent one;
-  // extents[l][u] is how many inputs unit u reads. Returns (outputs, logabsdet, saved activations).
+  // The MAF forward with its log-determinant in one pass. Weights, masks, biases and context terms in the
+  // module's unit order, with permutations sorting each layer's inputs and outputs by degree; an empty bias or
+  // context is an absent one. layer_info, 4 per layer: (src buffer, residual buffer or -1, act_in, act_out);
+  // buffer 0 is the inputs, buffer l + 1 layer l's output. Returns (outputs, logabsdet, saved activations:
+  // empty unless `save`, which the backward needs).
   m.def(
-      "made_forward(Tensor inputs, Tensor[] weights_t, Tensor[] weights, Tensor[] biases, Tensor[] contexts, "
-      "Tensor[] extents, int[] layer_info, int activation, float epsilon) -> (Tensor, Tensor, Tensor[])");
+      "made_forward(Tensor inputs, Tensor[] weights, Tensor[] masks, Tensor[] in_perms, Tensor[] out_perms, "
+      "Tensor[] biases, Tensor[] contexts, int[] layer_info, int activation, float epsilon, bool save) "
+      "-> (Tensor, Tensor, Tensor[])");
   m.def(
-      "made_backward(Tensor grad_outputs, Tensor grad_logabsdet, Tensor inputs, Tensor[] weights_t, "
-      "Tensor[] weights, Tensor[] biases, Tensor[] contexts, Tensor[] extents, int[] layer_info, "
+      "made_backward(Tensor grad_outputs, Tensor grad_logabsdet, Tensor inputs, Tensor[] weights, Tensor[] masks, "
+      "Tensor[] in_perms, Tensor[] out_perms, Tensor[] biases, Tensor[] contexts, int[] layer_info, "
       "Tensor[] saved, int activation, float epsilon) -> (Tensor, Tensor[], Tensor[], Tensor[])");
 }
 

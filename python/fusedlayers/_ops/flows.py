@@ -13,49 +13,46 @@ def _made_inverse_fake(targets, weights, biases, in_affine, out_affine, contexts
 
 
 @torch.library.register_fake("fusedlayers::made_forward")
-def _made_forward_fake(inputs, weights_t, weights, biases, contexts, extents, layer_info, activation, epsilon):
-    batch = inputs.shape[0]
+def _made_forward_fake(inputs, weights, masks, in_perms, out_perms, biases, contexts, layer_info, activation, epsilon,
+                       save):
+    batch = inputs.shape[0] if save else 0
     saved = []
-    for n, wt in enumerate(weights_t):
-        act_in, act_out = layer_info[4 * n + 2], layer_info[4 * n + 3]
-        saved += [inputs.new_empty(batch, wt.shape[1]), inputs.new_empty(batch if act_in else 0, wt.shape[0]),
-                  inputs.new_empty(batch if act_out else 0, wt.shape[1])]
-    return inputs.new_empty(inputs.shape), inputs.new_empty(batch), saved
+    for n, w in enumerate(weights):
+        act_out = layer_info[4 * n + 3]
+        saved += [inputs.new_empty(batch, w.shape[0]), inputs.new_empty(batch if act_out else 0, w.shape[0])]
+    return inputs.new_empty(inputs.shape), inputs.new_empty(inputs.shape[0]), saved
 
 
 @torch.library.register_fake("fusedlayers::made_backward")
-def _made_backward_fake(grad_outputs, grad_logabsdet, inputs, weights_t, weights, biases, contexts, extents,
+def _made_backward_fake(grad_outputs, grad_logabsdet, inputs, weights, masks, in_perms, out_perms, biases, contexts,
                         layer_info, saved, activation, epsilon):
-    batch = inputs.shape[0]
-    return (inputs.new_empty(inputs.shape), [w.new_empty(w.shape) for w in weights_t],
+    return (inputs.new_empty(inputs.shape), [w.new_empty(w.shape) for w in weights],
             [inputs.new_empty(b.shape) for b in biases], [inputs.new_empty(c.shape) for c in contexts])
 
 
 def _forward_setup_context(ctx, inputs, output):
-    x, weights_t, weights, biases, contexts, extents, layer_info, activation, epsilon = inputs
-    saved = output[2]
-    ctx.layer_count = len(weights_t)
-    ctx.save_for_backward(x, *weights_t, *weights, *biases, *contexts, *extents, *saved)
+    x, weights, masks, in_perms, out_perms, biases, contexts, layer_info, activation, epsilon, save = inputs
+    ctx.layer_count = len(weights)
+    ctx.save_for_backward(x, *weights, *masks, *in_perms, *out_perms, *biases, *contexts, *output[2])
     ctx.params = (list(layer_info), activation, epsilon)
-    ctx.mark_non_differentiable(*saved)
+    ctx.mark_non_differentiable(*output[2])
 
 
 def _forward_backward(ctx, grad_outputs, grad_logabsdet, _grad_saved):
     tensors = list(ctx.saved_tensors)
     n = ctx.layer_count
-    x, weights_t, weights = tensors[0], tensors[1:1 + n], tensors[1 + n:1 + 2 * n]
-    biases, contexts = tensors[1 + 2 * n:1 + 3 * n], tensors[1 + 3 * n:1 + 4 * n]
-    extents, saved = tensors[1 + 4 * n:1 + 5 * n], tensors[1 + 5 * n:]
+    x = tensors[0]
+    groups = [tensors[1 + k * n:1 + (k + 1) * n] for k in range(6)]  # weights, masks, perms, biases, contexts
+    saved = tensors[1 + 6 * n:]
     layer_info, activation, epsilon = ctx.params
     if grad_outputs is None:
         grad_outputs = torch.zeros_like(x)
     if grad_logabsdet is None:
         grad_logabsdet = x.new_zeros(x.shape[0])
-    gx, gwt, gb, gc = torch.ops.fusedlayers.made_backward(grad_outputs.contiguous(), grad_logabsdet.contiguous(), x,
-                                                         weights_t, weights, biases, contexts, extents, layer_info,
-                                                         saved, activation, epsilon)
+    gx, gw, gb, gc = torch.ops.fusedlayers.made_backward(grad_outputs.contiguous(), grad_logabsdet.contiguous(), x,
+                                                        *groups, layer_info, saved, activation, epsilon)
     # Each Tensor[] argument takes a list of gradients (empty ones for absent biases and contexts).
-    return gx, gwt, [None] * n, gb, gc, [None] * n, None, None, None
+    return gx, gw, [None] * n, [None] * n, [None] * n, gb, gc, None, None, None, None
 
 
 torch.library.register_autograd("fusedlayers::made_forward", _forward_backward,

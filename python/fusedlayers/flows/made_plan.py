@@ -59,6 +59,15 @@ class _Stages:
         return dst
 
 
+_IDENTITIES: dict[int, Tensor] = {}
+
+
+def _identity(n: int) -> Tensor:
+    if n not in _IDENTITIES:
+        _IDENTITIES[n] = torch.arange(n)
+    return _IDENTITIES[n]
+
+
 def _sorted(degrees: Tensor) -> Tensor:
     return torch.sort(degrees, stable=True).indices
 
@@ -116,24 +125,47 @@ _forward_op = torch.ops.fusedlayers.made_forward
 
 
 class _Layers:
-    """The forward op's layer list; the permuted weights are built with differentiable ops, so the gradients
-    the op returns flow back to the MADE's parameters."""
+    """The forward op's layer list: the module's own weights, masks, biases and context terms, and the
+    permutations that sort each layer's units by degree (the op sorts, and returns gradients unsorted)."""
 
-    def __init__(self):
-        self.weights_t, self.weights, self.biases, self.contexts, self.extents, self.info = [], [], [], [], [], []
+    def __init__(self, perms: "_Perms"):
+        self.perms = perms
+        self.weights, self.masks, self.in_perms, self.out_perms, self.biases, self.contexts = [], [], [], [], [], []
+        self.info = []
 
     def add(self, linear, in_perm, out_perm, src, residual=-1, act_in=False, act_out=False, context=None) -> int:
-        mask = linear.mask.index_select(0, out_perm).index_select(1, in_perm)
-        weight = linear.weight.index_select(0, out_perm).index_select(1, in_perm) * mask
-        self.weights_t.append(weight.t().contiguous())
-        self.weights.append(weight.detach().contiguous())
-        none = weight.new_empty(0)  # absent bias or context
-        self.biases.append(linear.bias.index_select(0, out_perm) if linear.bias is not None else none)
-        self.contexts.append(context.index_select(1, out_perm).contiguous() if context is not None else none)
-        # Sorted by degree, each mask row is a prefix of the (sorted) inputs: its length is all a unit reads.
-        self.extents.append(mask.sum(1).long().contiguous())
+        none = linear.weight.new_empty(0)  # absent bias or context
+        self.weights.append(linear.weight)
+        self.masks.append(linear.mask)
+        self.in_perms.append(in_perm)
+        self.out_perms.append(out_perm)
+        self.biases.append(linear.bias if linear.bias is not None else none)
+        self.contexts.append(context.contiguous() if context is not None else none)
         self.info += [src, residual, int(act_in), int(act_out)]
         return len(self.info) // 4
+
+
+class _Perms:
+    """Each layer's degree-sorting permutation, computed once per MADE (the op's weight cache keys on them)."""
+
+    @staticmethod
+    def of(made: MADE) -> "_Perms":
+        cached = getattr(made, "_fused_perms", None)
+        if cached is None:
+            cached = _Perms()
+            object.__setattr__(made, "_fused_perms", cached)  # not a submodule or buffer
+        return cached
+
+    def __init__(self):
+        self.by_degrees = {}
+
+    def sort(self, degrees: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():  # traced: the graph sorts (version counters are not traceable)
+            return _sorted(degrees)
+        key = (id(degrees), degrees._version)
+        if key not in self.by_degrees:
+            self.by_degrees[key] = (_sorted(degrees), degrees)  # keeps degrees alive: ids stay unique
+        return self.by_degrees[key][0]
 
 
 def made_forward(made: MADE, inputs: Tensor, context: Tensor | None, epsilon: float) -> tuple[Tensor, Tensor] | None:
@@ -146,10 +178,10 @@ def made_forward(made: MADE, inputs: Tensor, context: Tensor | None, epsilon: fl
             or inputs.dtype not in (torch.float32, torch.float64) or inputs.dim() != 2
             or any(p.dtype != inputs.dtype for p in made.parameters())):
         return None
-    layers = _Layers()
-    x_perm = torch.arange(made.features)
-    degrees = made.initial_layer.degrees
-    perm = _sorted(degrees)
+    perms = _Perms.of(made)
+    layers = _Layers(perms)
+    x_perm = _identity(made.features)  # inputs have degrees 1..D in order
+    perm = perms.sort(made.initial_layer.degrees)
     initial_context = made.activation(made.context_layer(context)) if context is not None else None
     buffer = layers.add(made.initial_layer, x_perm, perm, src=0, act_out=not made.use_residual_blocks,
                         context=initial_context)
@@ -159,18 +191,21 @@ def made_forward(made: MADE, inputs: Tensor, context: Tensor | None, epsilon: fl
         if isinstance(block, MaskedResidualBlock):
             if not block.degrees_match_inputs:
                 return None
-            inner_perm = _sorted(block.linear_layers[0].degrees)
+            inner_perm = perms.sort(block.linear_layers[0].degrees)
             inner_context = block.context_layer(context) if context is not None else None
             inner = layers.add(block.linear_layers[0], perm, inner_perm, src=buffer, act_in=True,
                                context=inner_context)
             buffer = layers.add(block.linear_layers[1], inner_perm, perm, src=inner, residual=buffer, act_in=True)
         elif isinstance(block, MaskedFeedforwardBlock):
-            out_perm = _sorted(block.degrees)
+            out_perm = perms.sort(block.degrees)
             buffer = layers.add(block.linear, perm, out_perm, src=buffer, act_out=True)
-            degrees, perm = block.degrees, out_perm
+            perm = out_perm
         else:
             return None
-    layers.add(made.final_layer, perm, _sorted(made.final_layer.degrees), src=buffer)
-    outputs, logabsdet, _ = _forward_op(inputs.contiguous(), layers.weights_t, layers.weights, layers.biases,
-                                        layers.contexts, layers.extents, layers.info, act, float(epsilon))
+    layers.add(made.final_layer, perm, perms.sort(made.final_layer.degrees), src=buffer)
+    tensors = [inputs, *made.parameters()] + ([context] if context is not None else [])
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)  # what the backward reads
+    outputs, logabsdet, _ = _forward_op(inputs.contiguous(), layers.weights, layers.masks, layers.in_perms,
+                                        layers.out_perms, layers.biases, layers.contexts, layers.info, act,
+                                        float(epsilon), save)
     return outputs, logabsdet
