@@ -199,3 +199,15 @@ def test_fused_forward_opcheck_and_compile():
     compiled = torch.compile(lambda a, c: t(a, c), fullgraph=True, backend="aot_eager")
     for a, b in zip(compiled(x, context), t(x, context)):
         torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("module", [torch.nn.ReLU, torch.nn.Tanh, torch.nn.ELU, torch.nn.GELU])
+def test_zuko_style_activation_modules_take_the_fused_ops(module):
+    t = make_transform(4, activation=module(), use_residual_blocks=False)
+    y = torch.randn(9, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert made_plan.made_inverse(t.autoregressive_net, y, None, t._epsilon) is not None
+        assert made_plan.made_forward(t.autoregressive_net, y, None, t._epsilon) is not None
+        x, _ = t.inverse(y)
+        torch.testing.assert_close(t._forward_composed(x, None)[0], y, **TOL)
+    assert made_plan.activation_code(torch.nn.ELU(alpha=0.5)) is None

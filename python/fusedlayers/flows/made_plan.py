@@ -17,6 +17,15 @@ _op = torch.ops.fusedlayers.made_inverse
 
 
 def activation_code(fn) -> int | None:
+    """The op's code for a MADE activation: torch's functions, or modules as zuko passes them."""
+    if isinstance(fn, nn.ReLU):
+        return 0
+    if isinstance(fn, nn.Tanh):
+        return 1
+    if isinstance(fn, nn.ELU) and fn.alpha == 1.0:
+        return 2
+    if isinstance(fn, nn.GELU) and fn.approximate == "none":
+        return 3
     try:
         return _ACTIVATIONS.get(fn)
     except TypeError:  # unhashable callables
