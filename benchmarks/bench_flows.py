@@ -77,6 +77,94 @@ def _maf_training(d, hidden, n):
     return make
 
 
+def _zuko_style_direction(d, hidden, n, mode: str):
+    """Our zuko-style MAF layer against zuko's, the same architecture (hidden layers `hidden`): 'forward' (log
+    prob direction with log-det), 'inverse' (sampling) or 'training' (forward + backward)."""
+    def make():
+        import zuko
+        torch.manual_seed(0)
+        theirs = zuko.flows.MAF(d, 0, transforms=1, hidden_features=hidden)().transform
+        ours = flows.MAF(d, 0, transforms=1, hidden_features=hidden).transform  # nflows-style Transform
+        x = torch.randn(n, d)
+        if mode == "training":
+            def step(t):
+                def run():
+                    y, ladj = t.call_and_ladj(x) if hasattr(t, "call_and_ladj") else t(x)
+                    (0.5 * y.pow(2).sum(1) - ladj).mean().backward()
+                return run
+            return step(theirs), step(ours)
+        if mode == "forward":
+            return (lambda: theirs.call_and_ladj(x)), (lambda: ours(x))
+        return (lambda: theirs.inv.call_and_ladj(x)), (lambda: ours.inverse(x))
+    return make
+
+
+def _iaf_density(d, hidden, n):
+    """Density of external data under an IAF layer: its forward is a MAF inverse."""
+    def make():
+        from nflows.transforms import InverseTransform
+        ref_maf, ours_maf = _pair(d, hidden)
+        ref, ours = InverseTransform(ref_maf), flows.InverseTransform(ours_maf)
+        zuko_t = _zuko_maf(d, hidden)().transform.inv
+        x = torch.randn(n, d)
+        with torch.no_grad():
+            reference = _faster(lambda: ref(x), lambda: zuko_t.call_and_ladj(x))
+        return reference, (lambda: ours(x))
+    return make
+
+
+def _coupling(d, hidden, n):
+    """Affine coupling forward then inverse, the conditioner an MLP with two hidden layers; nflows is the
+    reference (zuko has no affine coupling layer of this form)."""
+    def make():
+        from nflows.transforms import AffineCouplingTransform as Theirs
+
+        def net(in_features, out_features):
+            return torch.nn.Sequential(torch.nn.Linear(in_features, hidden), torch.nn.ReLU(),
+                                       torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+                                       torch.nn.Linear(hidden, out_features))
+        mask = torch.arange(d) % 2
+        ref = Theirs(mask, lambda i, o: _Unconditional(net(i, o)))
+        ours = flows.AffineCouplingTransform(mask, lambda i, o: _Unconditional(net(i, o)))
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(n, d)
+        return (lambda: ref.inverse(ref(x)[0])), (lambda: ours.inverse(ours(x)[0]))
+    return make
+
+
+class _Unconditional(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, context=None):
+        return self.net(x)
+
+
+def _whole_flow(d, hidden, n, transforms, what: str):
+    """A 5-transform flow (MAF layers and reverse permutations, standard normal base): log_prob or sample."""
+    def make():
+        import zuko
+        from nflows.distributions import StandardNormal
+        from nflows.flows import Flow
+        from nflows.transforms import CompositeTransform, MaskedAffineAutoregressiveTransform, ReversePermutation
+        torch.manual_seed(0)
+        layers = []
+        for _ in range(transforms):
+            layers += [MaskedAffineAutoregressiveTransform(d, hidden), ReversePermutation(d)]
+        ref = Flow(CompositeTransform(layers), StandardNormal([d])).eval()
+        ours = flows.from_nflows(ref).eval()
+        theirs_zuko = zuko.flows.MAF(d, 0, transforms=transforms, hidden_features=(hidden, hidden))
+        x = torch.randn(n, d)
+        with torch.no_grad():
+            if what == "log_prob":
+                reference = _faster(lambda: ref.log_prob(x), lambda: theirs_zuko().log_prob(x))
+                return reference, (lambda: ours.log_prob(x))
+            reference = _faster(lambda: ref.sample(n), lambda: theirs_zuko().sample((n,)))
+            return reference, (lambda: ours.sample(n))
+    return make
+
+
 def cases(sizes: str, dtype: str) -> list[Case]:
     if dtype != "float32":
         return []
@@ -92,6 +180,17 @@ def cases(sizes: str, dtype: str) -> list[Case]:
     add("MAF forward + log-det", "D=64 hidden 256x2 N=1024", _maf_direction(64, 256, 1024, inverse=False), "<= 0.33x")
     add("MAF inverse (sampling)", "D=64 hidden 256x2 N=1024", _maf_direction(64, 256, 1024, inverse=True), "<= 0.05x")
     add("MAF training step", "D=64 hidden 256x2 N=1024", _maf_training(64, 256, 1024), "<= 0.5x", grad=True)
-    for d in (2, 8, 32, 128):
-        add("MAF inverse (sampling)", f"D={d} hidden 256x2 N=1024", _maf_direction(d, 256, 1024, inverse=True), "grows like forward")
+    add("IAF density", "D=64 hidden 256x2 N=1024", _iaf_density(64, 256, 1024), "<= 0.05x")
+    for mode, goal in (("forward", "<= 0.33x"), ("inverse", "<= 0.05x"), ("training", "<= 0.5x")):
+        out.append(Case("flows", f"zuko-style MAF {mode}", "D=64 hidden (256, 256) N=1024", 0.0,
+                        _zuko_style_direction(64, (256, 256), 1024, mode), reference="zuko, same architecture",
+                        goal=goal, grad=mode == "training"))
+    add("affine coupling fwd+inv", "D=64 hidden 256 N=1024", _coupling(64, 256, 1024), "<= 0.5x")
+    add("5-transform flow log_prob", "D=8 hidden 64 N=4096", _whole_flow(8, 64, 4096, 5, "log_prob"), "<= 0.33x")
+    add("5-transform flow sample", "D=8 hidden 64 N=4096", _whole_flow(8, 64, 4096, 5, "sample"), "<= 0.33x")
+    grid = (2, 8, 32, 128, 784) if sizes == "grid" else (2, 8, 32, 128)
+    for d in grid:
+        add("MAF forward + log-det", f"D={d} hidden 256x2 N=1024", _maf_direction(d, 256, 1024, inverse=False), "")
+        add("MAF inverse (sampling)", f"D={d} hidden 256x2 N=1024", _maf_direction(d, 256, 1024, inverse=True),
+            "grows like forward")
     return out
