@@ -1,6 +1,6 @@
 // CPU kernels of the fused MAF forward pass and its backward (see made_kernel.h). Built once per ISA.
 //
-// A work item is a slab of kRows samples that runs the whole network: every product is [kRows x K] x [K x 64]
+// A work item is a slab of samples that runs the whole network: every product is [rows x K] x [K x 64]
 // over one block of 64 output units, with K the inputs that block can see (units are sorted by degree, so the
 // masked weights are block-triangular and the zero blocks are skipped). The affine map and the log-determinant
 // are the output layer's epilogue. The backward walks the layers in reverse per slab; weight and bias gradients
@@ -21,7 +21,16 @@ namespace fl::FL_ISA {
 
 namespace {
 
-constexpr int64_t kRows = 64;
+// Samples per slab: enough that a narrow network's products are not dominated by call overhead, few enough that
+// a slab's activations stay in L2 and every thread gets slabs.
+template <typename Layer>
+int64_t slab_rows(const Layer* layers, int64_t num_layers, int64_t batch) {
+  int64_t widest = 1;
+  for (int64_t l = 0; l < num_layers; ++l) widest = std::max({widest, layers[l].in_units, layers[l].out_units});
+  const int64_t per_thread = (batch + num_threads() - 1) / num_threads();
+  const int64_t rows = std::clamp<int64_t>(32768 / widest, 64, 512);
+  return std::max<int64_t>(16, std::min(rows, (per_thread + 15) / 16 * 16));
+}
 constexpr int64_t kColumnBlock = 64;
 
 template <typename T>
@@ -43,20 +52,14 @@ template <typename T>
 void affine_scales(T* values, T* log_scale, T* slope, int64_t n, T epsilon) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    const Vec raw = Vec::loadu(values + i);
+  for (int64_t i = 0; i < n; i += W) {  // the last vector partly filled: D is often below the vector width
+    const int64_t w = std::min(W, n - i);
+    const Vec raw = Vec::loadu(values + i, w);
     const Vec large = raw > Vec(T(20));
     const Vec scale = Vec::blendv(raw.exp().log1p(), raw, large) + Vec(epsilon);
-    scale.store(values + i);
-    scale.log().store(log_scale + i);
-    if (slope) Vec::blendv(Vec(T(1)) / (Vec(T(1)) + raw.neg().exp()), Vec(T(1)), large).store(slope + i);
-  }
-  for (; i < n; ++i) {
-    const T raw = values[i];
-    values[i] = affine_scale(raw, epsilon);
-    log_scale[i] = std::log(values[i]);
-    if (slope) slope[i] = affine_scale_grad(raw);
+    scale.store(values + i, w);
+    scale.log().store(log_scale + i, w);
+    if (slope) Vec::blendv(Vec(T(1)) / (Vec(T(1)) + raw.neg().exp()), Vec(T(1)), large).store(slope + i, w);
   }
 }
 
@@ -68,13 +71,13 @@ const T* buffer_rows(Layers layers, const T* inputs, int64_t features, int64_t i
 }
 
 // Where one slab's activations live: the saved [batch, units] tensors (when the backward needs them) or
-// buffers of this worker's own, [kRows, units], reused from slab to slab.
+// buffers of this worker's own, [slab rows, units], reused from slab to slab.
 template <typename T>
 struct SlabRows {
   std::vector<T*> dst, activated, pre;
   std::vector<std::vector<T>> own;
 
-  void point(const MadeForwardArgs<T>& a, int64_t n0) {
+  void point(const MadeForwardArgs<T>& a, int64_t n0, int64_t kRows) {
     const auto L = static_cast<size_t>(a.num_layers);
     dst.assign(L, nullptr);
     activated.assign(L, nullptr);
@@ -98,10 +101,10 @@ struct SlabRows {
 };
 
 template <typename T>
-void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows, SlabRows<T>& slab) {
+void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows, int64_t slab_size, SlabRows<T>& slab) {
   const auto act = static_cast<MadeActivation>(a.activation);
   const int64_t D = a.features;
-  slab.point(a, n0);
+  slab.point(a, n0, slab_size);
   const auto buffer = [&](int64_t id) -> const T* { return id == 0 ? a.inputs + n0 * D : slab.dst[id - 1]; };
   for (int64_t l = 0; l < a.num_layers; ++l) {
     const MadeLayer<T>& y = a.layers[l];
@@ -136,15 +139,17 @@ void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows, SlabRow
   }
   // The affine map: params hold (unconstrained scale, shift) per feature.
   const T* params = slab.dst[a.num_layers - 1];
-  std::vector<T> scale(D), log_scale(D);
+  // All of the slab's scales at once: full vectors even when D is below the vector width.
+  std::vector<T> scale(rows * D), log_scale(rows * D);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < D; ++i) scale[r * D + i] = params[r * 2 * D + 2 * i];
+  affine_scales(scale.data(), log_scale.data(), static_cast<T*>(nullptr), rows * D, a.epsilon);
   for (int64_t r = 0; r < rows; ++r) {
     const T* p = params + r * 2 * D;
-    for (int64_t i = 0; i < D; ++i) scale[i] = p[2 * i];
-    affine_scales(scale.data(), log_scale.data(), static_cast<T*>(nullptr), D, a.epsilon);
     T logdet = 0;
     for (int64_t i = 0; i < D; ++i) {
-      a.outputs[(n0 + r) * D + i] = scale[i] * a.inputs[(n0 + r) * D + i] + p[2 * i + 1];
-      logdet += log_scale[i];
+      a.outputs[(n0 + r) * D + i] = scale[r * D + i] * a.inputs[(n0 + r) * D + i] + p[2 * i + 1];
+      logdet += log_scale[r * D + i];
     }
     a.logabsdet[n0 + r] = logdet;
   }
@@ -152,10 +157,11 @@ void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows, SlabRow
 
 template <typename T>
 void forward(const MadeForwardArgs<T>& a) {
-  const int64_t slabs = (a.batch + kRows - 1) / kRows;
+  const int64_t rows = slab_rows(a.layers, a.num_layers, a.batch);
+  const int64_t slabs = (a.batch + rows - 1) / rows;
   parallel_for(slabs, 1, [&](int64_t begin, int64_t end) {
     SlabRows<T> slab;
-    for (int64_t s = begin; s < end; ++s) forward_slab(a, s * kRows, std::min(kRows, a.batch - s * kRows), slab);
+    for (int64_t s = begin; s < end; ++s) forward_slab(a, s * rows, std::min(rows, a.batch - s * rows), rows, slab);
   });
 }
 
@@ -177,17 +183,19 @@ void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accum
   // The affine map's backward.
   const T* params = a.layers[L - 1].dst + n0 * 2 * D;
   T* dparams = grads[L].data();
-  scratch.resize(3 * D);
-  T *scale = scratch.data(), *log_scale = scale + D, *slope = log_scale + D;
+  scratch.resize(3 * rows * D);
+  T *scale = scratch.data(), *log_scale = scale + rows * D, *slope = log_scale + rows * D;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < D; ++i) scale[r * D + i] = params[r * 2 * D + 2 * i];
+  affine_scales(scale, log_scale, slope, rows * D, a.epsilon);
   for (int64_t r = 0; r < rows; ++r) {
     const T dl = a.grad_logabsdet[n0 + r];
-    for (int64_t i = 0; i < D; ++i) scale[i] = params[r * 2 * D + 2 * i];
-    affine_scales(scale, log_scale, slope, D, a.epsilon);
     for (int64_t i = 0; i < D; ++i) {
+      const int64_t e = r * D + i;
       const T dy = a.grad_outputs[(n0 + r) * D + i], x = a.inputs[(n0 + r) * D + i];
-      dparams[r * 2 * D + 2 * i] = (dy * x + dl / scale[i]) * slope[i];
+      dparams[r * 2 * D + 2 * i] = (dy * x + dl / scale[e]) * slope[e];
       dparams[r * 2 * D + 2 * i + 1] = dy;
-      grads[0][r * D + i] += dy * scale[i];
+      grads[0][e] += dy * scale[e];
     }
   }
   for (int64_t l = L - 1; l >= 0; --l) {
@@ -241,7 +249,8 @@ void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accum
 
 template <typename T>
 void backward(const MadeBackwardArgs<T>& a) {
-  const int64_t slabs = (a.batch + kRows - 1) / kRows, L = a.num_layers;
+  const int64_t rows = slab_rows(a.layers, a.num_layers, a.batch);
+  const int64_t slabs = (a.batch + rows - 1) / rows, L = a.num_layers;
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(num_threads(), slabs));
   std::vector<Accumulators<T>> acc(workers);
   parallel_for(workers, 1, [&](int64_t begin, int64_t end) {
@@ -258,7 +267,7 @@ void backward(const MadeBackwardArgs<T>& a) {
       int64_t s0, s1;
       split_range(slabs, workers, w, s0, s1);
       for (int64_t s = s0; s < s1; ++s)
-        backward_slab(a, s * kRows, std::min(kRows, a.batch - s * kRows), mine, grads, scratch);
+        backward_slab(a, s * rows, std::min(rows, a.batch - s * rows), mine, grads, scratch);
     }
   });
   for (int64_t l = 0; l < L; ++l) {

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -174,8 +175,9 @@ MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorLis
     for (const auto& [perm, n] : {std::pair{&in_perms[l], in}, {&out_perms[l], out}}) {
       TORCH_CHECK(perm->scalar_type() == at::kLong && perm->is_contiguous() && perm->numel() == n, op, ": layer ",
                   l, " permutations must be int64 with one entry per unit");
-      TORCH_CHECK(n == 0 || (perm->min().item<int64_t>() >= 0 && perm->max().item<int64_t>() < n), op,
-                  ": layer ", l, " permutation out of range");
+      const int64_t* p = perm->data_ptr<int64_t>();  // a plain loop: a few aten calls per layer cost more
+      TORCH_CHECK(std::all_of(p, p + n, [n](int64_t v) { return v >= 0 && v < n; }), op, ": layer ", l,
+                  " permutation out of range");
     }
     const int64_t src = layer_info[l * 4], residual = layer_info[l * 4 + 1];
     TORCH_CHECK(src >= 0 && src <= l && units[src] == in, op, ": layer ", l,
@@ -202,8 +204,18 @@ MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorLis
     net.weight.push_back(sorted);
     net.weight_t.push_back(cached_derived(w, key + ":t", [&] { return sorted.t().contiguous(); }));
     // Sorted by degree, each mask row is a prefix of the sorted inputs: its count is all that unit reads.
-    Tensor extent = (mask.ne(0).sum(1)).index_select(0, out_perms[l]).contiguous();
-    TORCH_CHECK(out < 2 || (extent.diff() >= 0).all().item<bool>(), op, ": layer ", l,
+    Tensor extent = cached_derived(mask, "made_extent:" + std::to_string(reinterpret_cast<uintptr_t>(po)), [&] {
+      Tensor counts = at::empty({out}, out_perms[l].options());
+      AT_DISPATCH_FLOATING_TYPES(dtype, "made_extent", [&] {
+        const scalar_t* m = mask.data_ptr<scalar_t>();
+        for (int64_t o = 0; o < out; ++o)
+          counts.data_ptr<int64_t>()[o] = std::count_if(m + po[o] * in, m + (po[o] + 1) * in,
+                                                        [](scalar_t v) { return v != scalar_t(0); });
+      });
+      return counts;
+    });
+    const int64_t* e = extent.data_ptr<int64_t>();
+    TORCH_CHECK(std::is_sorted(e, e + out), op, ": layer ", l,
                 " is not sorted by degree (its units' input counts must not decrease)");
     net.extent.push_back(extent);
     units.push_back(out);
