@@ -163,3 +163,15 @@ def test_window_op_refuses_positions_outside_the_source():
     valid = torch.ones_like(valid)
     with pytest.raises(RuntimeError, match="outside the source"):
         torch.ops.fusedlayers.window_attention(query, source, factor, first, valid)
+
+
+@pytest.mark.parametrize("mode,window", [("global", 0), ("local-m", 1), ("local-p", 2)])
+@pytest.mark.parametrize("score", ["dot", "general", "concat"])
+def test_batch_of_one_and_windows_at_the_edges(mode, window, score):
+    """One sequence; a one-row source (every window spills over both edges) and a source shorter than a window."""
+    torch.manual_seed(5)
+    m = fusedlayers.nn.LuongAttention(4, score=score, mode=mode, window=window, dtype=torch.float64)
+    for source_len in (1, 3):
+        query = torch.randn(1, 6, 4, dtype=torch.float64, requires_grad=True)
+        source = torch.randn(1, source_len, 4, dtype=torch.float64, requires_grad=True)
+        check_against_naive(m, query, source, None)
