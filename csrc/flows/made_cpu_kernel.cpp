@@ -19,16 +19,12 @@ namespace fl::FL_ISA {
 
 namespace {
 
-// Samples per slab: 64 measured best at hidden 256 (wider slabs were slower even for narrow networks), fewer
-// when a slab's activations would pass about 512 KiB or a thread would get none.
+// Samples per slab: 64 (a multiple of the vector width) measured best at hidden 256, wider slabs were slower
+// even for narrow networks; fewer only when a thread would otherwise get no slab.
 template <typename T>
 int64_t slab_width(const MadeInverseArgs<T>& a) {
-  int64_t units = 0;
-  for (int64_t b = 0; b < a.num_buffers; ++b) units += a.buffer_units[b];
-  for (int64_t s = 0; s < a.num_stages; ++s) units += a.stages[s].in_units;  // prepared inputs
   const int64_t per_thread = (a.batch + num_threads() - 1) / num_threads();
-  const int64_t width = std::clamp<int64_t>(131072 / std::max<int64_t>(units, 1), 32, 64);
-  return std::max<int64_t>(16, std::min(width, (per_thread + 15) / 16 * 16));
+  return std::clamp<int64_t>((per_thread + 15) / 16 * 16, 16, 64);
 }
 
 template <typename T>
