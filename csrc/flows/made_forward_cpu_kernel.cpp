@@ -31,7 +31,7 @@ int64_t slab_rows(const Layer* layers, int64_t num_layers, int64_t batch) {
   const int64_t rows = std::clamp<int64_t>(32768 / widest, 64, 512);
   return std::max<int64_t>(16, std::min(rows, (per_thread + 15) / 16 * 16));
 }
-constexpr int64_t kColumnBlock = 64;
+constexpr int64_t kColumnBlock = 32;
 
 template <typename T>
 void activate(MadeActivation kind, const T* in, T* out, int64_t n) {
