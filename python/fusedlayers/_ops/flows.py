@@ -36,6 +36,7 @@ def _forward_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, *weights, *masks, *in_perms, *out_perms, *biases, *contexts, *output[2])
     ctx.params = (list(layer_info), activation, epsilon)
     ctx.mark_non_differentiable(*output[2])
+    ctx.set_materialize_grads(False)  # else autograd fills a zero gradient for every saved activation
 
 
 def _forward_backward(ctx, grad_outputs, grad_logabsdet, _grad_saved):

@@ -63,6 +63,7 @@ def _setup_context(ctx, inputs, output):
     ctx.reverse = reverse
     ctx.train = train
     ctx.mark_non_differentiable(gates, cells, raw)
+    ctx.set_materialize_grads(False)  # else autograd zero-fills a gradient as large as gates, cells and raw
 
 
 def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells, _grad_raw):
