@@ -104,6 +104,10 @@ class LuongAttention(nn.Module):
             context, _ = additive_attention(linear(query, w_query.contiguous()), linear(source, w_source.contiguous()),
                                             source, self.v_a, attn_mask=mask, window=window)
             return context
+        if self.W_a is not None and query.shape[1] < source.shape[1]:
+            # h_t . (W_a h_s) = (W_a^T h_t) . h_s: project the T queries instead of the S source rows.
+            query = linear(query, self.W_a.weight.t().contiguous())
+            return scaled_dot_product_attention(query, source, source, attn_mask=mask, scale=1.0, window=window)
         keys = source if self.W_a is None else linear(source, self.W_a.weight)
         return scaled_dot_product_attention(query, keys, source, attn_mask=mask, scale=1.0, window=window)
 
