@@ -123,6 +123,8 @@ def layer_cases(sizes: str, dtype: str) -> list[Case]:
                  reference="naive formula", goal="<= 0.25x time, <= 0.1x memory", grad=True, memory=True),
             Case("attention", "Luong local-p vs global", "B=32 T=64 S=2048 H=256 D=10", 0.0, _luong_make("local-p"),
                  reference="our global attention", goal="<= 0.1x global"),
+            Case("attention", "Luong local-p vs global, context only", "B=32 T=64 S=2048 H=256 D=10", 0.0,
+                 _luong_make("local-p", attentional=False), reference="our global attention", goal="<= 0.1x global"),
             Case("attention", "Luong local-m vs global", "B=32 T=64 S=2048 H=256 D=10", 0.0, _luong_make("local-m"),
                  reference="our global attention")]
 
@@ -153,11 +155,11 @@ def _encoder_make(b=16, length=256, d_model=512, heads=8):
     return make
 
 
-def _luong_make(mode, b=32, t=64, s=2048, hidden=256, window=10):
+def _luong_make(mode, b=32, t=64, s=2048, hidden=256, window=10, attentional=True):
     def make():
         torch.manual_seed(0)
-        glob = fusedlayers.nn.LuongAttention(hidden, mode="global")
-        local = fusedlayers.nn.LuongAttention(hidden, mode=mode, window=window)
+        glob = fusedlayers.nn.LuongAttention(hidden, mode="global", attentional=attentional)
+        local = fusedlayers.nn.LuongAttention(hidden, mode=mode, window=window, attentional=attentional)
         local.load_state_dict(glob.state_dict(), strict=False)  # local-p has its position predictor besides
         query, source = torch.randn(b, t, hidden), torch.randn(b, s, hidden)
         return (lambda: glob(query, source)), (lambda: local(query, source))
