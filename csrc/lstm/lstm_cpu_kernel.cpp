@@ -25,7 +25,7 @@ using at::vec::Vectorized;
 
 constexpr int64_t kUnitBlock = 32;
 // Below this many FLOPs a parallel phase runs on one thread: waking the other costs more than it saves.
-constexpr int64_t kMinFlopsPerThread = 1 << 16;
+constexpr int64_t kMinFlopsPerThread = 1 << 19;
 // Rows of input projection computed ahead of the recurrence: large enough for an efficient GEMM, small enough
 // for its output to stay in L2/L3 until the steps consume it.
 constexpr int64_t kChunkRows = 512;
