@@ -51,9 +51,9 @@ def cases(sizes: str, dtype: str) -> list[Case]:
     out: list[Case] = []
 
     def add(name, size, flops, make, goal="", grad=False, reference="F.scaled_dot_product_attention",
-            bytes_read=0.0):
+            bytes_read=0.0, memory=False):
         out.append(Case("attention", name, size, flops, make, reference=reference, dtype=dtype, peak_kind=peak,
-                        goal=goal, grad=grad, bytes_read=bytes_read))
+                        goal=goal, grad=grad, bytes_read=bytes_read, memory=memory))
 
     if sizes == "quick":
         add("forward", "B=2 H=4 L=256 D=64", _flops(2, 4, 256, 256, 64),
@@ -72,9 +72,10 @@ def cases(sizes: str, dtype: str) -> list[Case]:
     add("forward+backward", "B=8 H=8 L=512 D=64", _flops(8, 8, 512, 512, 64, train=True),
         _sdpa_make((8, 8, 512, 64), (8, 8, 512, 64), dt, train=True), goal="" if bf16 else ">= 70% of peak",
         grad=True)
-    add("forward+backward", "B=1 H=1 L=4096 D=64", _flops(1, 1, 4096, 4096, 64, train=True),
-        _sdpa_make((1, 1, 4096, 64), (1, 1, 4096, 64), dt, train=True), goal="" if bf16 else ">= 70% of peak",
-        grad=True)
+    for length in (1024, 2048, 4096):  # peak memory must grow linearly in L
+        add("forward+backward", f"B=1 H=1 L={length} D=64", _flops(1, 1, length, length, 64, train=True),
+            _sdpa_make((1, 1, length, 64), (1, 1, length, 64), dt, train=True),
+            goal="" if bf16 or length != 4096 else ">= 70% of peak", grad=True, memory=sizes == "default")
     add("forward (short)", "B=32 H=8 L=128 D=64", _flops(32, 8, 128, 128, 64),
         _sdpa_make((32, 8, 128, 64), (32, 8, 128, 64), dt), goal="" if bf16 else ">= 60% of peak")
     add("forward dropout 0.1", "B=2 H=8 L=2048 D=64", _flops(2, 8, 2048, 2048, 64),
@@ -88,7 +89,27 @@ def cases(sizes: str, dtype: str) -> list[Case]:
         bytes_read=2.0 * 8 * 16384 * 64 * torch.empty((), dtype=dt).element_size())
     add("MultiheadAttention", "B=16 L=256 E=512 8 heads", 2 * 16 * 256 * 512 * 512 * 4 + _flops(16, 8, 256, 256, 64),
         _mha_make(16, 256, 512, 8, dt), goal=">= 80% of peak", reference="nn.MultiheadAttention")
+    if sizes == "grid":
+        out += grid_cases(dt, dtype, peak)
     return out + layer_cases(sizes, dtype)
+
+
+def grid_cases(dt, dtype: str, peak: str) -> list[Case]:
+    """Sequence lengths 64..4096, head sizes 32..128, causal or not, forward and forward+backward."""
+    out = []
+    for length in (64, 256, 1024, 4096):
+        batch, heads = (8, 8) if length <= 256 else (2, 8) if length <= 1024 else (1, 4)
+        for d in (32, 64, 128):
+            for causal in (False, True):
+                for train in (False, True):
+                    shape = (batch, heads, length, d)
+                    name = ("forward+backward" if train else "forward") + (" causal" if causal else "")
+                    out.append(Case("attention", name, f"B={batch} H={heads} L={length} D={d}",
+                                    _flops(batch, heads, length, length, d, causal=causal, train=train),
+                                    _sdpa_make(shape, shape, dt, causal=causal, train=train),
+                                    reference="F.scaled_dot_product_attention", dtype=dtype, peak_kind=peak,
+                                    grad=train))
+    return out
 
 
 def _sagan_make(b, channels, size, dtype):
