@@ -1,8 +1,11 @@
-"""Describes a MADE to the fused one-pass inverse op (csrc/flows/made_ops.cpp): every layer's units sorted by
-degree, its masked weight permuted to match, and the network as a list of stages (see made_kernel.h).
+"""Describes a MADE to the fused C++ ops (csrc/flows/made_ops.cpp), or returns None when an option is outside them
+(the caller then takes the composed torch path, with the same results).
 
-Used when nothing needs gradients (sampling under torch.no_grad, evaluation): the op has no backward, and the
-composed torch path of `MADE.invert` serves autograd."""
+- made_inverse: the one-pass inverse (MAF sampling, IAF density). Every layer's units sorted by degree here, the
+  network as a list of stages (made_kernel.h). It has no backward: used when nothing needs gradients, while the
+  composed path of `MADE.invert` serves autograd.
+- made_forward: the forward with its log-det, differentiable. The module's own weights go to the op with the
+  permutations that sort each layer by degree; the op sorts (and caches) and returns gradients unsorted."""
 
 from __future__ import annotations
 
@@ -137,8 +140,7 @@ class _Layers:
     """The forward op's layer list: the module's own weights, masks, biases and context terms, and the
     permutations that sort each layer's units by degree (the op sorts, and returns gradients unsorted)."""
 
-    def __init__(self, perms: "_Perms"):
-        self.perms = perms
+    def __init__(self):
         self.weights, self.masks, self.in_perms, self.out_perms, self.biases, self.contexts = [], [], [], [], [], []
         self.info = []
 
@@ -188,7 +190,7 @@ def made_forward(made: MADE, inputs: Tensor, context: Tensor | None, epsilon: fl
             or any(p.dtype != inputs.dtype for p in made.parameters())):
         return None
     perms = _Perms.of(made)
-    layers = _Layers(perms)
+    layers = _Layers()
     x_perm = _identity(made.features)  # inputs have degrees 1..D in order
     perm = perms.sort(made.initial_layer.degrees)
     initial_context = made.activation(made.context_layer(context)) if context is not None else None
