@@ -194,3 +194,12 @@ def test_module_bad_input():
         m(torch.randn(2, 3, 6), torch.randn(2, 8, 5), key_padding_mask=torch.zeros(2, 8))
     with pytest.raises(ValueError, match="hidden_size must be a positive int"):
         fusedlayers.nn.AdditiveAttention(6, 5, 0)
+
+
+def test_empty_batch_and_unbounded_windows():
+    q, k, v, s = inputs(0, 5, 6, 8, 3)
+    additive_attention(q, k, v, s)[0].sum().backward()
+    assert s.grad is not None and not s.grad.any()
+    args = tuple(t.detach() for t in inputs(2, 5, 7, 4, 3))
+    for window in ((None, 2**63 - 1), (2**63 - 1, 2**63 - 1)):  # bounds near the int64 limit must not overflow
+        torch.testing.assert_close(additive_attention(*args, window=window)[0], additive_attention(*args)[0])

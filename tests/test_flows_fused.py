@@ -211,3 +211,21 @@ def test_zuko_style_activation_modules_take_the_fused_ops(module):
         x, _ = t.inverse(y)
         torch.testing.assert_close(t._forward_composed(x, None)[0], y, **TOL)
     assert made_plan.activation_code(torch.nn.ELU(alpha=0.5)) is None
+
+
+def test_sorted_weights_follow_a_mask_changed_through_data():
+    t = make_transform(4)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        t(x)  # caches the sorted weights
+        t.autoregressive_net.initial_layer.mask.data.mul_(0.5)  # bumps no version counter
+        torch.testing.assert_close(t(x)[0], t._forward_composed(x, None)[0], **TOL)
+
+
+def test_relu_keeps_nan_as_torch_does():
+    t = make_transform(3, use_residual_blocks=False)
+    with torch.no_grad():
+        t.autoregressive_net.initial_layer.bias.fill_(float("nan"))
+        x = torch.randn(2, 3, dtype=torch.float64)
+        assert torch.isnan(t(x)[0][:, 1:]).all()  # feature 1 reads no hidden unit
+        assert torch.isnan(t._forward_composed(x, None)[0][:, 1:]).all()

@@ -175,3 +175,10 @@ def test_batch_of_one_and_windows_at_the_edges(mode, window, score):
         query = torch.randn(1, 6, 4, dtype=torch.float64, requires_grad=True)
         source = torch.randn(1, source_len, 4, dtype=torch.float64, requires_grad=True)
         check_against_naive(m, query, source, None)
+
+
+@pytest.mark.parametrize("mode", ["global", "local-m", "local-p"])
+def test_empty_source(mode):
+    m = fusedlayers.nn.LuongAttention(4, mode=mode, window=2, attentional=False)
+    out, _ = m(torch.randn(2, 3, 4), torch.randn(2, 0, 4), torch.zeros(2, 0, dtype=torch.bool))
+    assert out.shape == (2, 3, 4) and not out.any()

@@ -198,20 +198,21 @@ void backward_block(const AdditiveBackwardArgs<T>& a, int64_t b, int64_t i0, int
   const T* k_batch = a.k + b * Tk * H;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
-    const T* w_row = w_block + r * Tk - span.first;  // indexed by key
-    T* dw_row = dw + r * n - span.first;
+    const T* w_row = w_block + r * Tk;  // entry j - span.first for key j
+    T* dw_row = dw + r * n;
     if (a.grad_weights != nullptr) {
       const T* gw_row = a.grad_weights + (b * Tq + i) * Tk;
-      for (int64_t j = span.first; j <= span.last; ++j) dw_row[j] += gw_row[j];
+      for (int64_t j = span.first; j <= span.last; ++j) dw_row[j - span.first] += gw_row[j];
     }
     allowed_list(a, b, i, window_of(a, i), keys);
     const int64_t count = static_cast<int64_t>(keys.size());
     T dot = 0;
-    for (int64_t m = 0; m < count; ++m) dot += w_row[keys[m]] * dw_row[keys[m]];
+    const int64_t f = span.first;
+    for (int64_t m = 0; m < count; ++m) dot += w_row[keys[m] - f] * dw_row[keys[m] - f];
     ds.resize(count);
     int64_t live = 0;  // keys with a zero weight (exp underflow) add nothing: skip their tanh pass
     for (int64_t m = 0; m < count; ++m) {
-      const T g = w_row[keys[m]] * (dw_row[keys[m]] - dot);
+      const T g = w_row[keys[m] - f] * (dw_row[keys[m] - f] - dot);
       if (g != T(0)) {
         keys[live] = keys[m];
         ds[live++] = g;
@@ -239,6 +240,10 @@ void forward(const AdditiveForwardArgs<T>& a) {
 template <typename T>
 void backward(const AdditiveBackwardArgs<T>& a) {
   const int64_t B = a.batch, Tq = a.q_len, Tk = a.kv_len, H = a.hidden, Dv = a.v_dim;
+  if (B == 0) {
+    std::fill(a.grad_score, a.grad_score + H, T(0));
+    return;
+  }
   // Chunks per batch: enough work items to share among the threads, but no more (each extra chunk costs a
   // private dk and dV and their sum).
   const int64_t want = 4 * num_threads();

@@ -19,8 +19,9 @@ struct KeyRange {
 FL_HOST_DEVICE KeyRange allowed_keys(int64_t i, int64_t kv_len, bool causal, int64_t left, int64_t right) {
   int64_t first = 0, last = kv_len - 1;
   if (causal && i < last) last = i;
-  if (right >= 0 && i + right < last) last = i + right;
-  if (left >= 0 && i - left > first) first = i - left;
+  // Compared as distances: i + right or i - left could overflow for bounds near the int64 limits.
+  if (right >= 0 && right < last - i) last = i + right;
+  if (left >= 0 && left < i - first) first = i - left;
   return {first, last};
 }
 

@@ -49,12 +49,13 @@ void forward(const WindowForwardArgs<T>& a) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / a.q_len;
       const T* q = a.query + row * H;
-      const T* rows = a.source + (b * a.src_len + a.first[row]) * H;  // row w of the window: rows + w * H
+      // Window position w is source row first + w; formed only where valid (then inside the source).
+      const auto source_row = [&](int64_t w) { return a.source + (b * a.src_len + a.first[row] + w) * H; };
       const bool* valid = a.valid + row * W;
       T* probs = a.probs + row * W;
       T top = -std::numeric_limits<T>::infinity();
       for (int64_t w = 0; w < W; ++w) {
-        probs[w] = valid[w] ? dot(q, rows + w * H, H) : T(0);
+        probs[w] = valid[w] ? dot(q, source_row(w), H) : T(0);
         if (valid[w]) top = std::max(top, probs[w]);
       }
       T sum = 0;
@@ -69,7 +70,7 @@ void forward(const WindowForwardArgs<T>& a) {
       const T* factor = a.factor + row * W;
       for (int64_t w = 0; w < W; ++w) {
         probs[w] *= inv;
-        if (valid[w]) axpy(probs[w] * factor[w], rows + w * H, ctx, H);
+        if (valid[w]) axpy(probs[w] * factor[w], source_row(w), ctx, H);
       }
     }
   });
@@ -85,9 +86,7 @@ void backward(const WindowBackwardArgs<T>& a) {
         const int64_t row = b * a.q_len + t;
         const T* q = a.query + row * H;
         const T* dc = a.grad_context + row * H;
-        const int64_t offset = (b * a.src_len + a.first[row]) * H;
-        const T* rows = a.source + offset;
-        T* drows = a.grad_source + offset;
+        const auto offset = [&](int64_t w) { return (b * a.src_len + a.first[row] + w) * H; };  // valid w only
         const bool* valid = a.valid + row * W;
         const T* probs = a.probs + row * W;
         const T* factor = a.factor + row * W;
@@ -101,7 +100,7 @@ void backward(const WindowBackwardArgs<T>& a) {
             dfactor[w] = dscore[w] = T(0);
             continue;
           }
-          const T dweight = dot(dc, rows + w * H, H);
+          const T dweight = dot(dc, a.source + offset(w), H);
           dfactor[w] = dweight * probs[w];
           dscore[w] = dweight * factor[w];  // dprobs for now
           mean += probs[w] * dscore[w];
@@ -109,9 +108,9 @@ void backward(const WindowBackwardArgs<T>& a) {
         for (int64_t w = 0; w < W; ++w) {
           if (!valid[w]) continue;
           const T ds = probs[w] * (dscore[w] - mean);
-          axpy(ds, rows + w * H, dq, H);
-          axpy(ds, q, drows + w * H, H);
-          axpy(probs[w] * factor[w], dc, drows + w * H, H);
+          axpy(ds, a.source + offset(w), dq, H);
+          axpy(ds, q, a.grad_source + offset(w), H);
+          axpy(probs[w] * factor[w], dc, a.grad_source + offset(w), H);
         }
       }
   });

@@ -14,7 +14,7 @@ enum class MadeActivation : int { relu = 0, tanh = 1, elu = 2, gelu = 3 };
 template <typename T>
 FL_HOST_DEVICE T made_activation(MadeActivation kind, T x) {
   switch (kind) {
-    case MadeActivation::relu: return x > T(0) ? x : T(0);
+    case MadeActivation::relu: return (x > T(0) || x != x) ? x : T(0);  // NaN passes, as in torch.relu
     case MadeActivation::tanh: return std::tanh(x);
     case MadeActivation::elu: return x > T(0) ? x : std::expm1(x);
     default: return T(0.5) * x * (T(1) + std::erf(x * T(0.70710678118654752440)));
@@ -41,7 +41,7 @@ namespace fl {
 template <typename T>
 FL_HOST_DEVICE T made_activation_grad(MadeActivation kind, T x) {
   switch (kind) {
-    case MadeActivation::relu: return x > T(0) ? T(1) : T(0);
+    case MadeActivation::relu: return (x > T(0) || x != x) ? T(1) : T(0);  // torch passes the gradient at NaN
     case MadeActivation::tanh: {
       const T t = std::tanh(x);
       return T(1) - t * t;

@@ -67,18 +67,19 @@ void prepare_rows(const MadeStage<T>& s, MadeActivation act, const T* src, T* pr
   }
 }
 
-// Units [r0, r1) of a stage from its first `k_inputs` inputs.
+// Units [r0, r1) of a stage from its first `k_inputs` inputs, into rows [r0 - dst_first, r1 - dst_first) of dst.
 template <typename T>
-void compute_units(const MadeStage<T>& s, MadeActivation act, const T* input, T* dst, const T* residual,
-                   int64_t r0, int64_t r1, int64_t k_inputs, int64_t width, int64_t batch, int64_t n0) {
+void compute_units(const MadeStage<T>& s, MadeActivation act, const T* input, T* dst, int64_t dst_first,
+                   const T* residual, int64_t r0, int64_t r1, int64_t k_inputs, int64_t width, int64_t batch,
+                   int64_t n0) {
   if (r1 <= r0) return;
+  T* first_row = dst + (r0 - dst_first) * width;
   if (k_inputs > 0)
-    gemm(r1 - r0, width, k_inputs, s.weight + r0 * s.in_units, s.in_units, input, width, dst + r0 * width, width,
-         false);
+    gemm(r1 - r0, width, k_inputs, s.weight + r0 * s.in_units, s.in_units, input, width, first_row, width, false);
   else
-    std::fill(dst + r0 * width, dst + r1 * width, T(0));
+    std::fill(first_row, first_row + (r1 - r0) * width, T(0));
   for (int64_t r = r0; r < r1; ++r) {
-    T* out = dst + r * width;
+    T* out = dst + (r - dst_first) * width;
     const T bias = s.bias ? s.bias[r] : T(0);
     const T* ctx = s.context ? s.context + r * batch + n0 : nullptr;
     const T scale = s.out_scale ? s.out_scale[r] : T(1), shift = s.out_shift ? s.out_shift[r] : T(0);
@@ -111,16 +112,15 @@ void invert_slab(const MadeInverseArgs<T>& a, int64_t n0, int64_t width, Slab<T>
         prepare_rows(s, act, src, slab.prepared[si].data(), s.in_offsets[k], s.in_offsets[k + 1], width);
         input = slab.prepared[si].data();
       }
-      compute_units(s, act, input, slab.buffers[s.dst].data(),
+      compute_units(s, act, input, slab.buffers[s.dst].data(), 0,
                     s.residual >= 0 ? slab.buffers[s.residual].data() : nullptr, s.out_offsets[k],
                     s.out_offsets[k + 1], s.in_offsets[k + 1], width, a.batch, n0);
     }
     // The output rows of feature k + 1 (degree k + 1) read hidden units of degree <= k; then solve for x.
     const MadeStage<T>& out = a.stages[S - 1];
     const int64_t r0 = out.out_offsets[k + 1];
-    T* params = slab.params.data() - r0 * width;  // rows r0, r0 + 1 land in params[0], params[1]
-    compute_units(out, act, slab.buffers[out.src].data(), params, static_cast<const T*>(nullptr), r0,
-                  out.out_offsets[k + 2], out.in_offsets[k + 1], width, a.batch, n0);
+    compute_units(out, act, slab.buffers[out.src].data(), slab.params.data(), r0, static_cast<const T*>(nullptr),
+                  r0, out.out_offsets[k + 2], out.in_offsets[k + 1], width, a.batch, n0);  // rows r0, r0 + 1
     const T* unconstrained = slab.params.data();
     const T* shift = unconstrained + width;
     for (int64_t c = 0; c < width; ++c) {

@@ -1,7 +1,7 @@
 // CPU kernels of the fused MAF forward pass and its backward (see made_kernel.h). Built once per ISA.
 //
-// A work item is a slab of samples that runs the whole network: every product is [rows x K] x [K x 64]
-// over one block of 64 output units, with K the inputs that block can see (units are sorted by degree, so the
+// A work item is a slab of samples that runs the whole network: every product is [rows x K] x [K x 32]
+// over one block of 32 output units, with K the inputs that block can see (units are sorted by degree, so the
 // masked weights are block-triangular and the zero blocks are skipped). The affine map and the log-determinant
 // are the output layer's epilogue. The backward walks the layers in reverse per slab; weight and bias gradients
 // are summed per worker and then across workers.
@@ -209,7 +209,7 @@ void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accum
     if (y.act_out) {
       const T* pre = y.pre + n0 * out;
       if (act == MadeActivation::relu)
-        for (int64_t e = 0; e < rows * out; ++e) dz[e] = pre[e] > T(0) ? dz[e] : T(0);
+        for (int64_t e = 0; e < rows * out; ++e) dz[e] = (pre[e] > T(0) || pre[e] != pre[e]) ? dz[e] : T(0);
       else
         for (int64_t e = 0; e < rows * out; ++e) dz[e] *= made_activation_grad(act, pre[e]);
     }
@@ -240,7 +240,7 @@ void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accum
     if (!y.act_in)
       for (int64_t e = 0; e < rows * in; ++e) dsrc[e] += da[e];
     else if (act == MadeActivation::relu)
-      for (int64_t e = 0; e < rows * in; ++e) dsrc[e] += src[e] > T(0) ? da[e] : T(0);
+      for (int64_t e = 0; e < rows * in; ++e) dsrc[e] += (src[e] > T(0) || src[e] != src[e]) ? da[e] : T(0);
     else
       for (int64_t e = 0; e < rows * in; ++e) dsrc[e] += da[e] * made_activation_grad(act, src[e]);
   }

@@ -1,6 +1,6 @@
-// The torch-facing layer of the MADE one-pass inverse: schema, checks and CPU dispatch. Python
-// (python/fusedlayers/flows/made_plan.py) sorts each layer's units by degree and describes the network as
-// stages (see made_kernel.h).
+// The torch-facing layer of the MADE ops: the one-pass inverse (made_inverse), and the fused forward with its
+// backward (made_forward, made_backward): schemas, checks, the degree-sorted weights and CPU dispatch. Python
+// (python/fusedlayers/flows/made_plan.py) describes the network (see made_kernel.h).
 #include "flows/made_kernel.h"
 
 #include "common/derived_cache.h"
@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -78,6 +79,20 @@ std::tuple<Tensor, Tensor> made_inverse_cpu(const Tensor& targets, at::TensorLis
         TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous() && t->sizes() == at::IntArrayRef({2, units}),
                     op, ": stage ", s, " has a batch-norm affine of the wrong shape");
   }
+  // The kernel indexes with these offsets unchecked: each stage's must be non-decreasing within its units, and
+  // the output stage must give every feature its two rows (unconstrained scale, shift) in order.
+  const int64_t* od = offs.data_ptr<int64_t>();
+  for (int64_t st = 0; st < S; ++st)
+    for (int64_t side = 0; side < 2; ++side) {
+      const int64_t* o = od + (st * 2 + side) * (D + 2);
+      const int64_t units = side == 0 ? weights[st].size(1) : weights[st].size(0);
+      TORCH_CHECK(o[0] >= 0 && std::is_sorted(o, o + D + 2) && o[D + 1] <= units, op, ": stage ", st,
+                  " offsets must be non-decreasing within [0, ", units, "]");
+    }
+  const int64_t* out_offsets = od + ((S - 1) * 2 + 1) * (D + 2);
+  for (int64_t k = 1; k <= D; ++k)
+    TORCH_CHECK(out_offsets[k] == 2 * (k - 1) && out_offsets[k + 1] == 2 * k, op,
+                ": the output stage must have rows 2(k-1), 2k-1 for feature k");
   const Tensor y = targets.contiguous();
   Tensor x = at::empty_like(y);
   Tensor logabsdet = at::empty({N}, y.options());
@@ -135,6 +150,13 @@ struct MadeNet {
   std::vector<Tensor> weight, weight_t, extent;  // sorted: [out, in], [in, out], inputs read per output unit
 };
 
+// A number naming the current state of t: renewed by the derived cache whenever t changes or is replaced.
+std::string token_of(const Tensor& t) {
+  static std::atomic<int64_t> next{0};
+  const Tensor token = cached_derived(t, "made_token", [] { return at::full({1}, ++next, at::kLong); });
+  return std::to_string(token.data_ptr<int64_t>()[0]);
+}
+
 template <typename T>
 Tensor sort_weight(const Tensor& weight, const Tensor& mask, const int64_t* out_perm, const int64_t* in_perm) {
   const int64_t out = weight.size(0), in = weight.size(1);
@@ -175,9 +197,13 @@ MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorLis
     for (const auto& [perm, n] : {std::pair{&in_perms[l], in}, {&out_perms[l], out}}) {
       TORCH_CHECK(perm->scalar_type() == at::kLong && perm->is_contiguous() && perm->numel() == n, op, ": layer ",
                   l, " permutations must be int64 with one entry per unit");
-      const int64_t* p = perm->data_ptr<int64_t>();  // a plain loop: a few aten calls per layer cost more
-      TORCH_CHECK(std::all_of(p, p + n, [n](int64_t v) { return v >= 0 && v < n; }), op, ": layer ", l,
-                  " permutation out of range");
+      const int64_t* p = perm->data_ptr<int64_t>();  // plain loops: a few aten calls per layer cost more
+      std::vector<char> seen(n, 0);
+      for (int64_t i = 0; i < n; ++i) {
+        TORCH_CHECK(p[i] >= 0 && p[i] < n && !seen[p[i]], op, ": layer ", l,
+                    " permutation out of range or repeating an index");
+        seen[p[i]] = 1;
+      }
     }
     const int64_t src = layer_info[l * 4], residual = layer_info[l * 4 + 1];
     TORCH_CHECK(src >= 0 && src <= l && units[src] == in, op, ": layer ", l,
@@ -194,17 +220,16 @@ MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorLis
     const Tensor& mask = masks[l];
     const int64_t* po = out_perms[l].data_ptr<int64_t>();
     const int64_t* pi = in_perms[l].data_ptr<int64_t>();
-    const std::string key = "made:" + std::to_string(reinterpret_cast<uintptr_t>(mask.data_ptr())) + ":" +
-                            std::to_string(mask._version()) + ":" +
-                            std::to_string(reinterpret_cast<uintptr_t>(po)) + ":" +
-                            std::to_string(reinterpret_cast<uintptr_t>(pi));
+    // The sorted weight depends on the mask and the permutations too: key it on tokens that the derived cache
+    // renews whenever one of them changes (version counter, sampled bytes, or a new tensor).
+    const std::string key = "made:" + token_of(mask) + ":" + token_of(out_perms[l]) + ":" + token_of(in_perms[l]);
     Tensor sorted = cached_derived(w, key, [&] {
       return AT_DISPATCH_FLOATING_TYPES(dtype, "made_sort_weight", [&] { return sort_weight<scalar_t>(w, mask, po, pi); });
     });
     net.weight.push_back(sorted);
     net.weight_t.push_back(cached_derived(w, key + ":t", [&] { return sorted.t().contiguous(); }));
     // Sorted by degree, each mask row is a prefix of the sorted inputs: its count is all that unit reads.
-    Tensor extent = cached_derived(mask, "made_extent:" + std::to_string(reinterpret_cast<uintptr_t>(po)), [&] {
+    Tensor extent = cached_derived(mask, "made_extent:" + token_of(out_perms[l]), [&] {
       Tensor counts = at::empty({out}, out_perms[l].options());
       AT_DISPATCH_FLOATING_TYPES(dtype, "made_extent", [&] {
         const scalar_t* m = mask.data_ptr<scalar_t>();
@@ -345,7 +370,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
     const Tensor inverse_out = at::argsort(out_perms[l]), inverse_in = at::argsort(in_perms[l]);
     grad_w.push_back(grad_wt[l].t().index_select(0, inverse_out).index_select(1, inverse_in).mul_(masks[l]));
     grad_bias.push_back(grad_b[l].numel() ? grad_b[l].index_select(0, inverse_out) : grad_b[l]);
-    grad_context.push_back(grad_ctx[l].numel() ? grad_ctx[l].index_select(1, inverse_out) : grad_ctx[l]);
+    grad_context.push_back(present(contexts[l]) ? grad_ctx[l].index_select(1, inverse_out)
+                                                : at::empty_like(contexts[l]));  // an absent context's shape
   }
   return {grad_inputs, grad_w, grad_bias, grad_context};
 }

@@ -123,12 +123,12 @@ class LuongAttention(nn.Module):
         first = torch.ceil(centre.detach() - d).long()
         positions = first[..., None] + torch.arange(2 * d + 1, device=query.device)  # [batch, T, 2D+1]
         valid = (positions >= 0) & (positions < lengths.long()[:, None, None]) & (positions <= centre.detach()[..., None] + d)
-        if source_mask is not None:
-            index = (positions.clamp(0, max(length - 1, 0)) + torch.arange(batch, device=query.device)[:, None, None]
-                     * length)
-            valid = valid & source_mask.flatten()[index.flatten()].view_as(valid)
         if length == 0:
             return query.new_zeros(batch, steps, hidden)
+        if source_mask is not None:
+            index = (positions.clamp(0, length - 1) + torch.arange(batch, device=query.device)[:, None, None]
+                     * length)
+            valid = valid & source_mask.flatten()[index.flatten()].view_as(valid)
         sigma = d / 2
         gauss = torch.exp(-(positions.to(query.dtype) - centre[..., None]) ** 2 / (2 * sigma * sigma))
         if self.score != "concat" and query.device.type == "cpu" and query.dtype in (torch.float32, torch.float64):
