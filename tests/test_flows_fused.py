@@ -229,3 +229,36 @@ def test_relu_keeps_nan_as_torch_does():
         x = torch.randn(2, 3, dtype=torch.float64)
         assert torch.isnan(t(x)[0][:, 1:]).all()  # feature 1 reads no hidden unit
         assert torch.isnan(t._forward_composed(x, None)[0][:, 1:]).all()
+
+
+# ------------------------------------------------------------------------------- the affine coupling map
+def coupling_reference(x, params, inverse):
+    half = x.shape[1]
+    shift, scale = params[:, :half], torch.sigmoid(params[:, half:] + 2) + 1e-3
+    log_scale = torch.log(scale).flatten(1).sum(1)
+    return ((x - shift) / scale, -log_scale) if inverse else (x * scale + shift, log_scale)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (4, 7, 2, 3), (3, 37), (0, 4)])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_coupling_op_matches_formula(shape, inverse):
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    params = torch.randn(shape[0], 2 * shape[1], *shape[2:], dtype=torch.float64, requires_grad=True)
+    ours = torch.ops.fusedlayers.coupling_affine(x, params, inverse)
+    ref = coupling_reference(x, params, inverse)
+    weights = (torch.randn_like(ours[0]), torch.randn_like(ours[1]))
+    g1 = torch.autograd.grad(sum((a * w).sum() for a, w in zip(ours, weights)), (x, params))
+    g2 = torch.autograd.grad(sum((a * w).sum() for a, w in zip(ref, weights)), (x, params))
+    for a, b in zip((*ours, *g1), (*ref, *g2)):
+        torch.testing.assert_close(a, b, **TOL)
+    if shape[0]:
+        assert torch.autograd.gradcheck(lambda a, p: torch.ops.fusedlayers.coupling_affine(a, p, inverse), (x, params))
+        torch.library.opcheck(torch.ops.fusedlayers.coupling_affine.default, (x, params, inverse))
+
+
+def test_coupling_op_bad_input():
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="params must have shape"):
+        torch.ops.fusedlayers.coupling_affine(x, torch.randn(4, 5, dtype=torch.float64), False)
+    with pytest.raises(TypeError, match="float32 or both float64"):
+        torch.ops.fusedlayers.coupling_affine(x, torch.randn(4, 6), False)

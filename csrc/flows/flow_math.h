@@ -61,3 +61,13 @@ FL_HOST_DEVICE T affine_scale_grad(T unconstrained) {
 }
 
 }  // namespace fl
+
+namespace fl {
+
+// nflows' affine coupling scale: sigmoid(unconstrained + 2) + epsilon (epsilon 1e-3).
+template <typename T>
+FL_HOST_DEVICE T coupling_sigmoid(T unconstrained) {
+  return T(1) / (T(1) + std::exp(-(unconstrained + T(2))));
+}
+
+}  // namespace fl

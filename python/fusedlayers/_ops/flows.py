@@ -60,3 +60,35 @@ torch.library.register_autograd("fusedlayers::made_forward", _forward_backward,
                                 setup_context=_forward_setup_context)
 
 block_double_backward("fusedlayers::made_backward", "MADE")
+
+
+# ---- the affine coupling map (csrc/flows/coupling_ops.cpp)
+@torch.library.register_fake("fusedlayers::coupling_affine")
+def _coupling_fake(inputs, params, inverse):
+    return inputs.new_empty(inputs.shape), inputs.new_empty(inputs.shape[0])
+
+
+@torch.library.register_fake("fusedlayers::coupling_affine_backward")
+def _coupling_backward_fake(grad_outputs, grad_logabsdet, inputs, params, inverse):
+    return inputs.new_empty(inputs.shape), params.new_empty(params.shape)
+
+
+def _coupling_setup_context(ctx, inputs, output):
+    x, params, inverse = inputs
+    ctx.save_for_backward(x, params)
+    ctx.inverse = inverse
+    ctx.set_materialize_grads(False)
+
+
+def _coupling_backward(ctx, grad_outputs, grad_logabsdet):
+    x, params = ctx.saved_tensors
+    grad_outputs = torch.zeros_like(x) if grad_outputs is None else grad_outputs
+    grad_logabsdet = x.new_zeros(x.shape[0]) if grad_logabsdet is None else grad_logabsdet
+    gx, gp = torch.ops.fusedlayers.coupling_affine_backward(grad_outputs, grad_logabsdet, x, params, ctx.inverse)
+    return gx, gp, None
+
+
+torch.library.register_autograd("fusedlayers::coupling_affine", _coupling_backward,
+                                setup_context=_coupling_setup_context)
+
+block_double_backward("fusedlayers::coupling_affine_backward", "affine coupling")

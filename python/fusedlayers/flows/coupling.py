@@ -10,6 +10,14 @@ from torch import Tensor, nn
 
 from .base import Transform
 
+_coupling_op = torch.ops.fusedlayers.coupling_affine
+
+
+def _fused(moving: Tensor, params: Tensor) -> bool:
+    return (moving.device.type == "cpu" and moving.dtype in (torch.float32, torch.float64)
+            and params.dtype == moving.dtype and params.dim() == moving.dim()
+            and params.shape[1] == 2 * moving.shape[1] and params.shape[2:] == moving.shape[2:])
+
 
 def alternating_mask(features: int, even: bool = True) -> Tensor:
     """1 on every other feature (starting at 0 if `even`), the usual 1-D Real NVP split."""
@@ -72,15 +80,18 @@ class AffineCouplingTransform(Transform):
         logabsdet = inputs.new_zeros(inputs.shape[0])
         if self.unconditional_transform is not None and inverse:
             identity, logabsdet = self.unconditional_transform.inverse(identity, context)
-        scale, shift = self._scale_and_shift(self.transform_net(identity, context))
-        log_scale = torch.log(scale).flatten(1).sum(dim=1)
-        if inverse:
-            moving, logabsdet = (moving - shift) / scale, logabsdet - log_scale
+        params = self.transform_net(identity, context)
+        if _fused(moving, params):  # the affine map and its log-det in one C++ pass
+            moving, log_scale = _coupling_op(moving, params, inverse)
+            logabsdet = logabsdet + log_scale
         else:
-            moving, logabsdet = moving * scale + shift, logabsdet + log_scale
-            if self.unconditional_transform is not None:
-                identity, extra = self.unconditional_transform(identity, context)
-                logabsdet = logabsdet + extra
+            scale, shift = self._scale_and_shift(params)
+            log_scale = torch.log(scale).flatten(1).sum(dim=1)
+            moving = (moving - shift) / scale if inverse else moving * scale + shift
+            logabsdet = logabsdet - log_scale if inverse else logabsdet + log_scale
+        if not inverse and self.unconditional_transform is not None:
+            identity, extra = self.unconditional_transform(identity, context)
+            logabsdet = logabsdet + extra
         outputs = torch.empty_like(inputs)
         outputs[:, self.identity_features, ...] = identity
         outputs[:, self.transform_features, ...] = moving
