@@ -364,14 +364,37 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
     a.grad_context = dctx.data();
     FL_DISPATCH_ISA(made_backward, a);
   });
-  // Back to the module's unit order; the weight gradient masked (the mask multiplies the weight).
+  // Back to the module's unit order, in one scatter per tensor; the weight gradient masked (the mask multiplies
+  // the weight): dW[po[o]][pi[i]] = dWt[i][o] * mask[po[o]][pi[i]].
   std::vector<Tensor> grad_w, grad_bias, grad_context;
   for (int64_t l = 0; l < L; ++l) {
-    const Tensor inverse_out = at::argsort(out_perms[l]), inverse_in = at::argsort(in_perms[l]);
-    grad_w.push_back(grad_wt[l].t().index_select(0, inverse_out).index_select(1, inverse_in).mul_(masks[l]));
-    grad_bias.push_back(grad_b[l].numel() ? grad_b[l].index_select(0, inverse_out) : grad_b[l]);
-    grad_context.push_back(present(contexts[l]) ? grad_ctx[l].index_select(1, inverse_out)
-                                                : at::empty_like(contexts[l]));  // an absent context's shape
+    const int64_t in = net.in_units[l], out = net.out_units[l];
+    const int64_t* po = out_perms[l].data_ptr<int64_t>();
+    const int64_t* pi = in_perms[l].data_ptr<int64_t>();
+    Tensor gw = at::empty({out, in}, inputs.options());
+    Tensor gb = grad_b[l].numel() ? at::empty_like(grad_b[l]) : grad_b[l];
+    Tensor gc = at::empty_like(contexts[l]);
+    AT_DISPATCH_FLOATING_TYPES(inputs.scalar_type(), "made_unsort", [&] {
+      const scalar_t* dwt = grad_wt[l].data_ptr<scalar_t>();
+      const scalar_t* m = masks[l].data_ptr<scalar_t>();
+      scalar_t* dw = gw.data_ptr<scalar_t>();
+      for (int64_t o = 0; o < out; ++o)
+        for (int64_t i = 0; i < in; ++i) {
+          const int64_t at = po[o] * in + pi[i];
+          dw[at] = dwt[i * out + o] * m[at];
+        }
+      if (gb.numel())
+        for (int64_t o = 0; o < out; ++o) gb.data_ptr<scalar_t>()[po[o]] = grad_b[l].data_ptr<scalar_t>()[o];
+      if (present(contexts[l])) {
+        const scalar_t* src = grad_ctx[l].data_ptr<scalar_t>();
+        scalar_t* dst = gc.data_ptr<scalar_t>();
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t o = 0; o < out; ++o) dst[n * out + po[o]] = src[n * out + o];
+      }
+    });
+    grad_w.push_back(gw);
+    grad_bias.push_back(gb);
+    grad_context.push_back(gc);  // an absent context's gradient keeps its empty shape
   }
   return {grad_inputs, grad_w, grad_bias, grad_context};
 }
