@@ -179,15 +179,44 @@ class _Perms:
         return self.by_degrees[key][0]
 
 
+class _ForwardPlan:
+    """What made_forward needs to know of a MADE's structure, found once per MADE (walking its modules on every
+    call cost about a third of a small layer's time): whether the op covers it, the dropout modules to check, and
+    the linear layers whose tensors are read at each call."""
+
+    @staticmethod
+    def of(made: MADE) -> "_ForwardPlan":
+        plan = getattr(made, "_fused_forward_plan", None)
+        if plan is None:
+            plan = _ForwardPlan(made)
+            object.__setattr__(made, "_fused_forward_plan", plan)  # not a submodule
+        return plan
+
+    def __init__(self, made: MADE):
+        self.act = activation_code(made.activation)
+        modules = list(made.modules())
+        self.dropouts = [m for m in modules if isinstance(m, nn.Dropout)]
+        self.linears = [m for m in modules if isinstance(m, nn.Linear)]
+        blocks_ok = all(block.activation is made.activation and (
+            isinstance(block, MaskedFeedforwardBlock) or
+            (isinstance(block, MaskedResidualBlock) and block.degrees_match_inputs)) for block in made.blocks)
+        self.supported = (self.act is not None and blocks_ok and made.output_multiplier == 2
+                          and not any(isinstance(m, nn.BatchNorm1d) for m in modules))
+
+    def parameters(self):
+        for linear in self.linears:
+            yield linear.weight
+            if linear.bias is not None:
+                yield linear.bias
+
+
 def made_forward(made: MADE, inputs: Tensor, context: Tensor | None, epsilon: float) -> tuple[Tensor, Tensor] | None:
     """(scale * x + shift, sum log scale) through the fused op, or None when the MADE or the inputs are outside
     what it covers (batch norm, dropout in training, other activations, dtypes or devices)."""
-    act = activation_code(made.activation)
-    has_dropout = made.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in made.modules())
-    has_batch_norm = any(isinstance(m, nn.BatchNorm1d) for m in made.modules())
-    if (act is None or has_dropout or has_batch_norm or made.output_multiplier != 2 or inputs.device.type != "cpu"
-            or inputs.dtype not in (torch.float32, torch.float64) or inputs.dim() != 2
-            or any(p.dtype != inputs.dtype for p in made.parameters())):
+    plan = _ForwardPlan.of(made)
+    if (not plan.supported or (made.training and any(m.p > 0 for m in plan.dropouts))
+            or inputs.device.type != "cpu" or inputs.dtype not in (torch.float32, torch.float64) or inputs.dim() != 2
+            or any(p.dtype != inputs.dtype for p in plan.parameters())):
         return None
     perms = _Perms.of(made)
     layers = _Layers()
@@ -197,26 +226,20 @@ def made_forward(made: MADE, inputs: Tensor, context: Tensor | None, epsilon: fl
     buffer = layers.add(made.initial_layer, x_perm, perm, src=0, act_out=not made.use_residual_blocks,
                         context=initial_context)
     for block in made.blocks:
-        if block.activation is not made.activation:
-            return None
         if isinstance(block, MaskedResidualBlock):
-            if not block.degrees_match_inputs:
-                return None
             inner_perm = perms.sort(block.linear_layers[0].degrees)
             inner_context = block.context_layer(context) if context is not None else None
             inner = layers.add(block.linear_layers[0], perm, inner_perm, src=buffer, act_in=True,
                                context=inner_context)
             buffer = layers.add(block.linear_layers[1], inner_perm, perm, src=inner, residual=buffer, act_in=True)
-        elif isinstance(block, MaskedFeedforwardBlock):
+        else:
             out_perm = perms.sort(block.degrees)
             buffer = layers.add(block.linear, perm, out_perm, src=buffer, act_out=True)
             perm = out_perm
-        else:
-            return None
     layers.add(made.final_layer, perm, perms.sort(made.final_layer.degrees), src=buffer)
-    tensors = [inputs, *made.parameters()] + ([context] if context is not None else [])
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)  # what the backward reads
+    save = torch.is_grad_enabled() and (inputs.requires_grad or (context is not None and context.requires_grad)
+                                        or any(p.requires_grad for p in plan.parameters()))  # for the backward
     outputs, logabsdet, _ = _forward_op(inputs.contiguous(), layers.weights, layers.masks, layers.in_perms,
-                                        layers.out_perms, layers.biases, layers.contexts, layers.info, act,
+                                        layers.out_perms, layers.biases, layers.contexts, layers.info, plan.act,
                                         float(epsilon), save)
     return outputs, logabsdet
