@@ -4,6 +4,8 @@
 #include "flows/made_kernel.h"
 
 #include "common/derived_cache.h"
+#include "common/gemm.h"
+#include "common/parallel.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -164,11 +166,14 @@ Tensor sort_weight(const Tensor& weight, const Tensor& mask, const int64_t* out_
   const T* w = weight.data_ptr<T>();
   const T* m = mask.data_ptr<T>();
   T* s = sorted.data_ptr<T>();
-  for (int64_t o = 0; o < out; ++o) {
-    const T* w_row = w + out_perm[o] * in;
-    const T* m_row = m + out_perm[o] * in;
-    for (int64_t i = 0; i < in; ++i) s[o * in + i] = w_row[in_perm[i]] * m_row[in_perm[i]];
-  }
+  // Redone after every optimizer step: shared among threads (a training step re-sorts every layer).
+  parallel_for(out, std::max<int64_t>(1, 16384 / std::max<int64_t>(in, 1)), [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const T* w_row = w + out_perm[o] * in;
+      const T* m_row = m + out_perm[o] * in;
+      for (int64_t i = 0; i < in; ++i) s[o * in + i] = w_row[in_perm[i]] * m_row[in_perm[i]];
+    }
+  });
   return sorted;
 }
 
@@ -227,7 +232,18 @@ MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorLis
       return AT_DISPATCH_FLOATING_TYPES(dtype, "made_sort_weight", [&] { return sort_weight<scalar_t>(w, mask, po, pi); });
     });
     net.weight.push_back(sorted);
-    net.weight_t.push_back(cached_derived(w, key + ":t", [&] { return sorted.t().contiguous(); }));
+    net.weight_t.push_back(cached_derived(w, key + ":t", [&] {
+      Tensor t = at::empty({in, out}, w.options());  // a tiled transpose: ATen's strided copy is several times slower
+      AT_DISPATCH_FLOATING_TYPES(dtype, "made_transpose", [&] {
+        const scalar_t* src = sorted.data_ptr<scalar_t>();
+        scalar_t* dst = t.data_ptr<scalar_t>();
+        parallel_for((out + 31) / 32, std::max<int64_t>(1, 512 / std::max<int64_t>(in, 1)), [&](int64_t b0, int64_t b1) {
+          const int64_t r0 = b0 * 32, r1 = std::min(out, b1 * 32);  // a band of rows of the sorted weight
+          transpose_copy(r1 - r0, in, src + r0 * in, in, dst + r0, out);
+        });
+      });
+      return t;
+    }));
     // Sorted by degree, each mask row is a prefix of the sorted inputs: its count is all that unit reads.
     Tensor extent = cached_derived(mask, "made_extent:" + token_of(out_perms[l]), [&] {
       Tensor counts = at::empty({out}, out_perms[l].options());
