@@ -20,11 +20,13 @@ def affine_scale(unconstrained: Tensor, epsilon: float) -> Tensor:
 
 class MaskedAffineAutoregressiveTransform(Transform):
     """Drop-in for `nflows.transforms.MaskedAffineAutoregressiveTransform` (MAF layer): forward is the density
-    direction, y = scale(x_<i) * x + shift(x_<i), log|det| = sum log scale, one network pass.
+    direction, y = scale(x_<i) * x + shift(x_<i), log|det| = sum log scale, one network pass: a fused C++ op
+    (the whole MADE, the affine map and the log-det, and a fused backward) for float32/float64 CPU inputs.
 
     inverse (sampling) computes each hidden unit of the MADE once, in order of degree: about one network pass
-    of arithmetic instead of nflows' D passes. (With batch norm or dropout in training mode it falls back to
-    nflows' D-pass loop, whose semantics those layers define.) For an IAF, where sampling is the cheap
+    of arithmetic instead of nflows' D passes; a fused C++ op when nothing needs gradients, torch ops otherwise.
+    (With batch norm or dropout in training mode both directions take torch ops, and the inverse nflows' D-pass
+    loop, whose semantics those layers define.) For an IAF, where sampling is the cheap
     direction, wrap it: `InverseTransform(MaskedAffineAutoregressiveTransform(...))`, or use `IAF`.
 
     The MADE's parameter names and output layout are nflows': an nflows transform's state_dict loads as is
