@@ -177,6 +177,49 @@ Tensor sort_weight(const Tensor& weight, const Tensor& mask, const int64_t* out_
   return sorted;
 }
 
+// A permutation of [0, n) as int64: checked with plain loops (a few aten calls per layer would cost more).
+void check_permutation(const Tensor& perm, int64_t n, const char* op) {
+  TORCH_CHECK(perm.scalar_type() == at::kLong && perm.is_contiguous() && perm.numel() == n, op,
+              ": permutations must be int64 with one entry per unit (", n, "), got ", perm.sizes());
+  const int64_t* p = perm.data_ptr<int64_t>();
+  std::vector<char> seen(n, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < n && !seen[p[i]], op, ": permutation out of range or repeating an index");
+    seen[p[i]] = 1;
+  }
+}
+
+// The sorted weight depends on the mask and the permutations too: key it on tokens that the derived cache
+// renews whenever one of them changes (version counter, sampled bytes, or a new tensor).
+std::string sorted_weight_key(const Tensor& mask, const Tensor& out_perm, const Tensor& in_perm) {
+  return "made:" + token_of(mask) + ":" + token_of(out_perm) + ":" + token_of(in_perm);
+}
+
+// (weight * mask) with rows permuted by out_perm and columns by in_perm, cached while all four are unchanged.
+// Checked by the callers (describe_net, made_sorted_weight_cpu).
+Tensor cached_sorted_weight(const Tensor& w, const Tensor& mask, const Tensor& out_perm, const Tensor& in_perm) {
+  return cached_derived(w, sorted_weight_key(mask, out_perm, in_perm), [&] {
+    return AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "made_sort_weight", [&] {
+      return sort_weight<scalar_t>(w, mask, out_perm.data_ptr<int64_t>(), in_perm.data_ptr<int64_t>());
+    });
+  });
+}
+
+// The inverse's weights: sorted, masked and cached (sampling again with unchanged weights re-sorts nothing).
+Tensor made_sorted_weight_cpu(const Tensor& weight, const Tensor& mask, const Tensor& out_perm,
+                              const Tensor& in_perm) {
+  constexpr const char* op = "made_sorted_weight";
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 && weight.is_contiguous(), op,
+              ": weight must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble, op,
+                   ": weight must be float32 or float64");
+  TORCH_CHECK(mask.sizes() == weight.sizes() && mask.scalar_type() == weight.scalar_type() && mask.is_contiguous(),
+              op, ": mask must be contiguous, with the weight's shape and dtype");
+  check_permutation(out_perm, weight.size(0), op);
+  check_permutation(in_perm, weight.size(1), op);
+  return cached_sorted_weight(weight, mask, out_perm, in_perm);
+}
+
 MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorList masks, at::TensorList in_perms,
                      at::TensorList out_perms, at::TensorList biases, at::TensorList contexts,
                      at::IntArrayRef layer_info) {
@@ -199,17 +242,8 @@ MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorLis
     TORCH_CHECK(w.scalar_type() == dtype && w.dim() == 2 && w.is_contiguous() && masks[l].is_contiguous() &&
                     masks[l].scalar_type() == dtype && masks[l].sizes() == w.sizes(),
                 op, ": layer ", l, " needs a contiguous weight and mask of one shape and the inputs' dtype");
-    for (const auto& [perm, n] : {std::pair{&in_perms[l], in}, {&out_perms[l], out}}) {
-      TORCH_CHECK(perm->scalar_type() == at::kLong && perm->is_contiguous() && perm->numel() == n, op, ": layer ",
-                  l, " permutations must be int64 with one entry per unit");
-      const int64_t* p = perm->data_ptr<int64_t>();  // plain loops: a few aten calls per layer cost more
-      std::vector<char> seen(n, 0);
-      for (int64_t i = 0; i < n; ++i) {
-        TORCH_CHECK(p[i] >= 0 && p[i] < n && !seen[p[i]], op, ": layer ", l,
-                    " permutation out of range or repeating an index");
-        seen[p[i]] = 1;
-      }
-    }
+    check_permutation(in_perms[l], in, op);
+    check_permutation(out_perms[l], out, op);
     const int64_t src = layer_info[l * 4], residual = layer_info[l * 4 + 1];
     TORCH_CHECK(src >= 0 && src <= l && units[src] == in, op, ": layer ", l,
                 " reads a buffer that does not exist yet or has the wrong size");
@@ -225,12 +259,8 @@ MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorLis
     const Tensor& mask = masks[l];
     const int64_t* po = out_perms[l].data_ptr<int64_t>();
     const int64_t* pi = in_perms[l].data_ptr<int64_t>();
-    // The sorted weight depends on the mask and the permutations too: key it on tokens that the derived cache
-    // renews whenever one of them changes (version counter, sampled bytes, or a new tensor).
-    const std::string key = "made:" + token_of(mask) + ":" + token_of(out_perms[l]) + ":" + token_of(in_perms[l]);
-    Tensor sorted = cached_derived(w, key, [&] {
-      return AT_DISPATCH_FLOATING_TYPES(dtype, "made_sort_weight", [&] { return sort_weight<scalar_t>(w, mask, po, pi); });
-    });
+    const std::string key = sorted_weight_key(mask, out_perms[l], in_perms[l]);
+    Tensor sorted = cached_sorted_weight(w, mask, out_perms[l], in_perms[l]);
     net.weight.push_back(sorted);
     net.weight_t.push_back(cached_derived(w, key + ":t", [&] {
       Tensor t = at::empty({in, out}, w.options());  // a tiled transpose: ATen's strided copy is several times slower
@@ -426,6 +456,8 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   m.def(
       "made_inverse(Tensor targets, Tensor[] weights, Tensor?[] biases, Tensor?[] in_affine, Tensor?[] out_affine, "
       "Tensor?[] contexts, Tensor stage_info, Tensor offsets, int activation, float epsilon) -> (Tensor, Tensor)");
+  // (weight * mask)[out_perm][:, in_perm], cached while unchanged: the inverse's weights (no autograd).
+  m.def("made_sorted_weight(Tensor weight, Tensor mask, Tensor out_perm, Tensor in_perm) -> Tensor");
 }
 
 TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
@@ -446,6 +478,7 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
 
 TORCH_LIBRARY_IMPL(fusedlayers, CPU, m) {
   m.impl("made_inverse", &fl::made_inverse_cpu);
+  m.impl("made_sorted_weight", &fl::made_sorted_weight_cpu);
   m.impl("made_forward", &fl::made_forward_cpu);
   m.impl("made_backward", &fl::made_backward_cpu);
 }

@@ -17,6 +17,7 @@ from .made import MADE, MaskedFeedforwardBlock, MaskedResidualBlock
 
 _ACTIVATIONS = {F.relu: 0, torch.relu: 0, torch.tanh: 1, F.tanh: 1, F.elu: 2, F.gelu: 3}
 _op = torch.ops.fusedlayers.made_inverse
+_sorted_weight_op = torch.ops.fusedlayers.made_sorted_weight
 
 
 def activation_code(fn) -> int | None:
@@ -51,23 +52,23 @@ def _batch_norm_affine(bn: nn.BatchNorm1d | None, perm: Tensor) -> Tensor | None
 
 
 class _Stages:
-    def __init__(self, features: int, batch: int):
-        self.features, self.batch = features, batch
+    def __init__(self, features: int, batch: int, perms: "_Perms"):
+        self.features, self.batch, self.perms = features, batch, perms
         self.weights, self.biases, self.in_affine, self.out_affine, self.contexts = [], [], [], [], []
         self.info, self.offsets = [], []
 
     def add(self, linear, in_degrees, in_perm, out_degrees, out_perm, src, residual=-1, act_in=False,
             act_out=False, in_affine=None, out_affine=None, context=None) -> int:
-        weight = (linear.weight * linear.mask).index_select(0, out_perm).index_select(1, in_perm)
-        self.weights.append(weight.contiguous())
+        # Sorted and masked in C++, cached while the weight, mask and permutations are unchanged.
+        self.weights.append(_sorted_weight_op(linear.weight, linear.mask, out_perm, in_perm))
         self.biases.append(linear.bias.index_select(0, out_perm).contiguous() if linear.bias is not None else None)
         self.in_affine.append(in_affine)
         self.out_affine.append(out_affine)
         self.contexts.append(context.index_select(1, out_perm).t().contiguous() if context is not None else None)
         dst = len(self.info) + 1
         self.info.append([src, dst, residual, int(act_in), int(act_out)])
-        self.offsets.append(torch.stack([_offsets(in_degrees[in_perm], self.features),
-                                         _offsets(out_degrees[out_perm], self.features)]))
+        self.offsets.append(torch.stack([self.perms.offsets(in_degrees, self.features),
+                                         self.perms.offsets(out_degrees, self.features)]))
         return dst
 
 
@@ -93,11 +94,12 @@ def made_inverse(made: MADE, targets: Tensor, context: Tensor | None, epsilon: f
             or any(p.dtype != targets.dtype for p in made.parameters())):
         return None
     features = made.features
-    stages = _Stages(features, targets.shape[0])
-    x_degrees = torch.arange(1, features + 1)
-    x_perm = torch.arange(features)
+    perms = _Perms.of(made)
+    stages = _Stages(features, targets.shape[0], perms)
+    x_degrees = perms.input_degrees(features)
+    x_perm = _identity(features)
     degrees = made.initial_layer.degrees
-    perm = _sorted(degrees)
+    perm = perms.sort(degrees)
     initial_context = made.activation(made.context_layer(context)) if context is not None else None
     buffer = stages.add(made.initial_layer, x_degrees, x_perm, degrees, perm, src=0,
                         act_out=not made.use_residual_blocks, context=initial_context)
@@ -108,7 +110,7 @@ def made_inverse(made: MADE, targets: Tensor, context: Tensor | None, epsilon: f
             bn = block.batch_norm_layers if block.use_batch_norm else (None, None)
             inner_context = block.context_layer(context) if context is not None else None
             inner_degrees = block.linear_layers[0].degrees
-            inner_perm = _sorted(inner_degrees)
+            inner_perm = perms.sort(inner_degrees)
             inner = stages.add(block.linear_layers[0], degrees, perm, inner_degrees, inner_perm, src=buffer,
                                act_in=True, in_affine=_batch_norm_affine(bn[0], perm),
                                out_affine=_batch_norm_affine(bn[1], inner_perm), context=inner_context)
@@ -118,14 +120,14 @@ def made_inverse(made: MADE, targets: Tensor, context: Tensor | None, epsilon: f
             if block.activation is not made.activation:
                 return None
             out_degrees = block.degrees
-            out_perm = _sorted(out_degrees)
+            out_perm = perms.sort(out_degrees)
             buffer = stages.add(block.linear, degrees, perm, out_degrees, out_perm, src=buffer, act_out=True,
                                 in_affine=_batch_norm_affine(block.batch_norm, perm))
             degrees, perm = out_degrees, out_perm
         else:
             return None
     final = made.final_layer
-    stages.add(final, degrees, perm, final.degrees, _sorted(final.degrees), src=buffer)
+    stages.add(final, degrees, perm, final.degrees, perms.sort(final.degrees), src=buffer)
     return _op(targets.contiguous(), stages.weights, stages.biases, stages.in_affine, stages.out_affine,
                stages.contexts, torch.tensor(stages.info, dtype=torch.int64), torch.stack(stages.offsets),
                act, float(epsilon))
@@ -169,6 +171,22 @@ class _Perms:
 
     def __init__(self):
         self.by_degrees = {}
+        self.offsets_by_degrees = {}
+        self.inputs = None
+
+    def input_degrees(self, features: int) -> Tensor:
+        if self.inputs is None or len(self.inputs) != features:
+            self.inputs = torch.arange(1, features + 1)
+        return self.inputs
+
+    def offsets(self, degrees: Tensor, features: int) -> Tensor:
+        """_offsets of the degrees in sorted order, computed once per degrees tensor."""
+        if torch.compiler.is_compiling():
+            return _offsets(degrees[self.sort(degrees)], features)
+        key = (id(degrees), degrees._version, features)
+        if key not in self.offsets_by_degrees:
+            self.offsets_by_degrees[key] = (_offsets(degrees[self.sort(degrees)], features), degrees)
+        return self.offsets_by_degrees[key][0]
 
     def sort(self, degrees: Tensor) -> Tensor:
         if torch.compiler.is_compiling():  # traced: the graph sorts (version counters are not traceable)
