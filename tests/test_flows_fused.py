@@ -262,3 +262,20 @@ def test_coupling_op_bad_input():
         torch.ops.fusedlayers.coupling_affine(x, torch.randn(4, 5, dtype=torch.float64), False)
     with pytest.raises(TypeError, match="float32 or both float64"):
         torch.ops.fusedlayers.coupling_affine(x, torch.randn(4, 6), False)
+
+
+def test_sorted_weight_op():
+    torch.manual_seed(0)
+    weight = torch.randn(5, 4, dtype=torch.float64)
+    mask = (torch.rand(5, 4) > 0.5).double()
+    out_perm, in_perm = torch.tensor([4, 2, 0, 1, 3]), torch.tensor([1, 3, 0, 2])
+    op = torch.ops.fusedlayers.made_sorted_weight
+    expected = (weight * mask)[out_perm][:, in_perm]
+    torch.testing.assert_close(op(weight, mask, out_perm, in_perm), expected, rtol=0, atol=0)
+    with torch.no_grad():
+        weight.mul_(2)  # a changed weight is sorted again, not served from the cache
+    torch.testing.assert_close(op(weight, mask, out_perm, in_perm), 2 * expected, rtol=0, atol=0)
+    torch.library.opcheck(op.default, (weight, mask, out_perm, in_perm),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="repeating an index"):
+        op(weight, mask, torch.tensor([0, 0, 1, 2, 3]), in_perm)
