@@ -33,22 +33,20 @@ class SelfAttention2d(nn.Module):
         self.h = nn.Conv2d(in_channels, in_channels, kernel_size=1, **kw)  # values
         self.gamma = nn.Parameter(torch.zeros(1, **kw))
 
-    @staticmethod
-    def _pointwise(conv: nn.Conv2d, x_flat: Tensor) -> Tensor:
-        # A 1x1 convolution over [batch, positions, channels] rows is a linear layer.
-        return linear(x_flat, conv.weight.flatten(1), conv.bias)
-
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SelfAttention2d: expected input of shape [batch, {self.in_channels}, height, width], "
                              f"got {list(x.shape)}")
         b, c, height, width = x.shape
-        rows = x.flatten(2).transpose(1, 2)  # [batch, positions, channels]
-        q = self._pointwise(self.f, rows)
-        k = self._pointwise(self.g, rows)
-        v = self._pointwise(self.h, rows)
-        o = scaled_dot_product_attention(q, k, v, scale=1.0)
-        return self.gamma * o.transpose(1, 2).reshape(b, c, height, width) + x
+        rows = x.flatten(2).transpose(1, 2).contiguous()  # [batch, positions, channels], copied once
+        # f, g and h as one product (their weights stacked), split into views: q, k, v share one buffer.
+        convs = (self.f, self.g, self.h)
+        weight = torch.cat([conv.weight.flatten(1) for conv in convs])
+        bias = torch.cat([conv.bias for conv in convs]) if self.f.bias is not None else None
+        q, k, v = linear(rows, weight, bias).split([self.f.out_channels, self.g.out_channels, c], dim=2)
+        o = scaled_dot_product_attention(q, k, v, scale=1.0)  # [batch, positions, channels]
+        # gamma * o + x in one pass, o read through a transposed view (no copy back to channels-first).
+        return torch.addcmul(x, self.gamma, o.transpose(1, 2).unflatten(2, (height, width)))
 
 
 class AttentionBlock(nn.Module):
