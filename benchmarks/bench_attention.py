@@ -134,7 +134,9 @@ def layer_cases(sizes: str, dtype: str) -> list[Case]:
     if sizes == "quick" or dtype != "float32":
         return []
     n = 32 * 32
-    flops = 8.0 * n * n * 8 + 4.0 * n * n * 64  # f.g scores (8 channels) and the weighted sum (64 channels)
+    # Per image: the f, g, h projections (64 -> 8 + 8 + 64 channels), the f.g scores (8 channels) and the
+    # weighted sum (64 channels), 2 FLOPs per multiply-add.
+    flops = 2.0 * n * 64 * 80 + 2.0 * n * n * 8 + 2.0 * n * n * 64
     return [Case("attention", "SelfAttention2d", "B=8 C=64 32x32", 8 * flops, _sagan_make(8, 64, 32, torch.float32),
                  reference="naive formula", goal="<= 0.5x the naive formula"),
             Case("attention", "TransformerEncoderLayer fwd+bwd", "B=16 L=256 d=512 8 heads",
