@@ -102,6 +102,14 @@ def maf_pair(features, dtype=torch.float64, hidden=HIDDEN, seed=0, **kw):
     return ref, ours
 
 
+def train_mode_pair(features, **kw):
+    """maf_pair in float64, both in training mode (batch norm on batch statistics, dropout drawing masks)."""
+    ref, ours = maf_pair(features, torch.float64, **kw)
+    ref.train()
+    ours.train()
+    return ref, ours
+
+
 def inputs_for(features, kw, dtype=torch.float64, batch=BATCH, seed=2):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, features, generator=gen, dtype=dtype)
@@ -167,9 +175,7 @@ def test_maf_matches_nflows_forward_inverse_and_gradients(config, features, dtyp
                                     "ff-dropout-batch-norm"])
 def test_maf_train_mode_batch_norm_forward_matches_nflows(config, features):
     kw = MAF_CONFIGS[config]
-    ref, ours = maf_pair(features, torch.float64, **kw)
-    ref.train()
-    ours.train()
+    ref, ours = train_mode_pair(features, **kw)
     x, context = inputs_for(features, kw, batch=16)
     torch.manual_seed(5)  # the same dropout masks
     ref_out, ref_lad, ref_grads = run_with_grads(ref, "forward", x, context)
@@ -346,9 +352,7 @@ def test_gradcheck_forward_and_inverse(config):
                                     "ff-batch-norm-random-mask"])
 def test_train_mode_batch_norm_inverse_matches_nflows_and_inverts(config, features):
     kw = MAF_CONFIGS[config]
-    ref, ours = maf_pair(features, torch.float64, **kw)
-    ref.train()
-    ours.train()
+    ref, ours = train_mode_pair(features, **kw)
     assert not ours.autoregressive_net.supports_one_pass_inverse()
     u, context = inputs_for(features, kw, batch=16)
     before = copy.deepcopy(ours.state_dict())
@@ -369,9 +373,7 @@ def test_train_mode_batch_norm_inverse_matches_nflows_and_inverts(config, featur
 
 def test_train_mode_dropout_inverse_matches_nflows_with_same_rng():
     kw = MAF_CONFIGS["res-dropout"]
-    ref, ours = maf_pair(4, torch.float64, **kw)
-    ref.train()
-    ours.train()
+    ref, ours = train_mode_pair(4, **kw)
     assert not ours.autoregressive_net.supports_one_pass_inverse()
     u, _ = inputs_for(4, kw, batch=10)
     torch.manual_seed(11)
@@ -389,9 +391,7 @@ def test_train_mode_dropout_inverse_matches_nflows_with_same_rng():
 
 
 def test_one_pass_inverse_in_train_mode_without_batch_norm_or_dropout():
-    ref, ours = maf_pair(5, torch.float64, context_features=2)
-    ref.train()
-    ours.train()
+    ref, ours = train_mode_pair(5, context_features=2)
     u, context = inputs_for(5, dict(context_features=2))
     ref_out, ref_lad, ref_grads = run_with_grads(ref, "inverse", u, context)
     our_out, our_lad, our_grads = run_with_grads(ours, "inverse", u, context)
