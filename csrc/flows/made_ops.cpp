@@ -159,6 +159,21 @@ std::string token_of(const Tensor& t) {
   return std::to_string(token.data_ptr<int64_t>()[0]);
 }
 
+// token_of, looked up once per tensor within one call: consecutive layers share their permutations, and each
+// cache lookup samples the tensor's bytes.
+class Tokens {
+ public:
+  std::string of(const Tensor& t) {
+    for (const auto& [impl, token] : seen_)
+      if (impl == t.unsafeGetTensorImpl()) return token;
+    seen_.emplace_back(t.unsafeGetTensorImpl(), token_of(t));
+    return seen_.back().second;
+  }
+
+ private:
+  std::vector<std::pair<const void*, std::string>> seen_;
+};
+
 template <typename T>
 Tensor sort_weight(const Tensor& weight, const Tensor& mask, const int64_t* out_perm, const int64_t* in_perm) {
   const int64_t out = weight.size(0), in = weight.size(1);
@@ -191,14 +206,15 @@ void check_permutation(const Tensor& perm, int64_t n, const char* op) {
 
 // The sorted weight depends on the mask and the permutations too: key it on tokens that the derived cache
 // renews whenever one of them changes (version counter, sampled bytes, or a new tensor).
-std::string sorted_weight_key(const Tensor& mask, const Tensor& out_perm, const Tensor& in_perm) {
-  return "made:" + token_of(mask) + ":" + token_of(out_perm) + ":" + token_of(in_perm);
+std::string sorted_weight_key(const Tensor& mask, const Tensor& out_perm, const Tensor& in_perm, Tokens& tokens) {
+  return "made:" + tokens.of(mask) + ":" + tokens.of(out_perm) + ":" + tokens.of(in_perm);
 }
 
 // (weight * mask) with rows permuted by out_perm and columns by in_perm, cached while all four are unchanged.
 // Checked by the callers (describe_net, made_sorted_weight_cpu).
-Tensor cached_sorted_weight(const Tensor& w, const Tensor& mask, const Tensor& out_perm, const Tensor& in_perm) {
-  return cached_derived(w, sorted_weight_key(mask, out_perm, in_perm), [&] {
+Tensor cached_sorted_weight(const Tensor& w, const Tensor& mask, const Tensor& out_perm, const Tensor& in_perm,
+                            const std::string& key) {
+  return cached_derived(w, key, [&] {
     return AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "made_sort_weight", [&] {
       return sort_weight<scalar_t>(w, mask, out_perm.data_ptr<int64_t>(), in_perm.data_ptr<int64_t>());
     });
@@ -217,13 +233,15 @@ Tensor made_sorted_weight_cpu(const Tensor& weight, const Tensor& mask, const Te
               op, ": mask must be contiguous, with the weight's shape and dtype");
   check_permutation(out_perm, weight.size(0), op);
   check_permutation(in_perm, weight.size(1), op);
-  return cached_sorted_weight(weight, mask, out_perm, in_perm);
+  Tokens tokens;
+  return cached_sorted_weight(weight, mask, out_perm, in_perm, sorted_weight_key(mask, out_perm, in_perm, tokens));
 }
 
 MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorList masks, at::TensorList in_perms,
                      at::TensorList out_perms, at::TensorList biases, at::TensorList contexts,
-                     at::IntArrayRef layer_info) {
+                     at::IntArrayRef layer_info, bool need_sorted) {
   constexpr const char* op = "made_forward";
+  Tokens tokens;
   TORCH_CHECK(inputs.device().is_cpu() && inputs.dim() == 2 && inputs.is_contiguous(), op,
               ": inputs must be a contiguous 2-D CPU tensor, got ", inputs.sizes());
   const auto dtype = inputs.scalar_type();
@@ -259,10 +277,11 @@ MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorLis
     const Tensor& mask = masks[l];
     const int64_t* po = out_perms[l].data_ptr<int64_t>();
     const int64_t* pi = in_perms[l].data_ptr<int64_t>();
-    const std::string key = sorted_weight_key(mask, out_perms[l], in_perms[l]);
-    Tensor sorted = cached_sorted_weight(w, mask, out_perms[l], in_perms[l]);
-    net.weight.push_back(sorted);
+    const std::string key = sorted_weight_key(mask, out_perms[l], in_perms[l], tokens);
+    // The forward reads only the transposed weight; the backward reads both.
+    net.weight.push_back(need_sorted ? cached_sorted_weight(w, mask, out_perms[l], in_perms[l], key) : Tensor());
     net.weight_t.push_back(cached_derived(w, key + ":t", [&] {
+      const Tensor sorted = cached_sorted_weight(w, mask, out_perms[l], in_perms[l], key);
       Tensor t = at::empty({in, out}, w.options());  // a tiled transpose: ATen's strided copy is several times slower
       AT_DISPATCH_FLOATING_TYPES(dtype, "made_transpose", [&] {
         const scalar_t* src = sorted.data_ptr<scalar_t>();
@@ -275,7 +294,7 @@ MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorLis
       return t;
     }));
     // Sorted by degree, each mask row is a prefix of the sorted inputs: its count is all that unit reads.
-    Tensor extent = cached_derived(mask, "made_extent:" + token_of(out_perms[l]), [&] {
+    Tensor extent = cached_derived(mask, "made_extent:" + tokens.of(out_perms[l]), [&] {
       Tensor counts = at::empty({out}, out_perms[l].options());
       AT_DISPATCH_FLOATING_TYPES(dtype, "made_extent", [&] {
         const scalar_t* m = mask.data_ptr<scalar_t>();
@@ -314,7 +333,7 @@ std::vector<MadeLayer<T>> kernel_layers(const MadeNet& net, const std::vector<Te
     y.in_units = net.in_units[l];
     y.out_units = net.out_units[l];
     y.weight_t = net.weight_t[l].data_ptr<T>();
-    y.weight = net.weight[l].data_ptr<T>();
+    y.weight = net.weight[l].defined() ? net.weight[l].data_ptr<T>() : nullptr;
     y.bias = present(biases[l]) ? biases[l].data_ptr<T>() : nullptr;
     y.context = present(contexts[l]) ? contexts[l].data_ptr<T>() : nullptr;
     y.extent = net.extent[l].data_ptr<int64_t>();
@@ -324,12 +343,24 @@ std::vector<MadeLayer<T>> kernel_layers(const MadeNet& net, const std::vector<Te
   return layers;
 }
 
+// bias[perm]: a plain loop (an index_select per layer costs a dispatch and several checks).
+Tensor gather_bias(const Tensor& bias, const Tensor& perm) {
+  Tensor out = at::empty_like(bias);
+  const int64_t* p = perm.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(bias.scalar_type(), "made_gather_bias", [&] {
+    const scalar_t* src = bias.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    for (int64_t o = 0; o < bias.numel(); ++o) dst[o] = src[p[o]];
+  });
+  return out;
+}
+
 // Biases and context terms in sorted unit order (absent ones stay empty).
 std::pair<std::vector<Tensor>, std::vector<Tensor>> sorted_terms(at::TensorList biases, at::TensorList contexts,
                                                                  at::TensorList out_perms) {
   std::vector<Tensor> b, c;
   for (size_t l = 0; l < biases.size(); ++l) {
-    b.push_back(present(biases[l]) ? biases[l].index_select(0, out_perms[l]) : biases[l]);
+    b.push_back(present(biases[l]) ? gather_bias(biases[l], out_perms[l]) : biases[l]);
     c.push_back(present(contexts[l]) ? contexts[l].index_select(1, out_perms[l]) : contexts[l]);
   }
   return {b, c};
@@ -340,7 +371,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> made_forward_cpu(
     at::TensorList out_perms, at::TensorList biases, at::TensorList contexts, at::IntArrayRef layer_info,
     int64_t activation, double epsilon, bool save) {
   TORCH_CHECK(activation >= 0 && activation <= 3, "made_forward: unknown activation ", activation);
-  const MadeNet net = describe_net(inputs, weights, masks, in_perms, out_perms, biases, contexts, layer_info);
+  const MadeNet net = describe_net(inputs, weights, masks, in_perms, out_perms, biases, contexts, layer_info,
+                                   /*need_sorted=*/false);
   const auto [b, c] = sorted_terms(biases, contexts, out_perms);
   const int64_t N = inputs.size(0), rows = save ? N : 0;
   std::vector<Tensor> saved;
@@ -371,7 +403,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
     const Tensor& grad_outputs, const Tensor& grad_logabsdet, const Tensor& inputs, at::TensorList weights,
     at::TensorList masks, at::TensorList in_perms, at::TensorList out_perms, at::TensorList biases,
     at::TensorList contexts, at::IntArrayRef layer_info, at::TensorList saved, int64_t activation, double epsilon) {
-  const MadeNet net = describe_net(inputs, weights, masks, in_perms, out_perms, biases, contexts, layer_info);
+  const MadeNet net = describe_net(inputs, weights, masks, in_perms, out_perms, biases, contexts, layer_info,
+                                   /*need_sorted=*/true);
   const int64_t N = inputs.size(0), L = static_cast<int64_t>(weights.size());
   TORCH_CHECK(static_cast<int64_t>(saved.size()) == 2 * L && saved[0].size(0) == N,
               "made_backward: saved must come from made_forward with save=True");

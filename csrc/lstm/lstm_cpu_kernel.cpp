@@ -182,10 +182,10 @@ void block_forward(S* gates, int64_t width, S* cell_state, S* cell_out, T* hidde
   }
 }
 
-// Backward of block_forward: activations in `gates` are replaced by the pre-activation gradients; the cell
-// gradient is updated in place (from dL/dc_t to dL/dc_{t-1}).
+// Backward of block_forward: reads the activations in `gates` and writes the pre-activation gradients to
+// `grad_gates` (the same layout); the cell gradient is updated in place (from dL/dc_t to dL/dc_{t-1}).
 template <typename T>
-void block_backward(T* gates, int64_t width, const T* grad_hidden, T* grad_cell, const T* cell,
+void block_backward(const T* gates, T* grad_gates, int64_t width, const T* grad_hidden, T* grad_cell, const T* cell,
                     const T* cell_prev) {
   using V = Vectorized<T>;
   for (int64_t j = 0; j < width; j += V::size()) {
@@ -195,10 +195,10 @@ void block_backward(T* gates, int64_t width, const T* grad_hidden, T* grad_cell,
     V di, df, dg, do_, dc_prev;
     lstm_cell_backward_math(V::loadu(grad_hidden + j, n), V::loadu(grad_cell + j, n), i, f, g, o,
                             V::loadu(cell + j, n), V::loadu(cell_prev + j, n), di, df, dg, do_, dc_prev);
-    di.store(gates + j, n);
-    df.store(gates + width + j, n);
-    dg.store(gates + 2 * width + j, n);
-    do_.store(gates + 3 * width + j, n);
+    di.store(grad_gates + j, n);
+    df.store(grad_gates + width + j, n);
+    dg.store(grad_gates + 2 * width + j, n);
+    do_.store(grad_gates + 3 * width + j, n);
     dc_prev.store(grad_cell + j, n);
   }
 }
@@ -350,18 +350,23 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
   const StepTable steps(s, a.batch_sizes);
 
   const int64_t LI = padded_stride<T>(I);
-  std::vector<T> w_hh_p(G4 * P), w_ih_p(G4 * LI);
+  // Scratch from the per-thread workspace: fresh multi-megabyte buffers would cost a page fault per 4 KiB at
+  // every call (and a zero fill, as std::vectors).
+  T* w_hh_p = workspace<T>(WorkspaceSlot::w_hh, G4 * P);
+  T* w_ih_p = workspace<T>(WorkspaceSlot::w_ih, G4 * LI);
+  // The gate gradients of every row, [N x LG] like the saved gates (which stay untouched).
+  T* grad_gates = workspace<T>(WorkspaceSlot::grad, N * LG);
   // W_hh for dL/dh_{t-1} = dL/dgates_t W_hh: rows in gate-column order, cut into contiguous column panels.
   constexpr int64_t kTile = 128;
   const int64_t p_tiles = (P + kTile - 1) / kTile;
   parallel_for(p_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t p0 = tile * kTile, width = std::min(kTile, P - p0);
-      T* panel = w_hh_p.data() + p0 * G4;
+      T* panel = w_hh_p + p0 * G4;
       for (int64_t r = 0; r < G4; ++r) std::memcpy(panel + perm[r] * width, a.w_hh + r * P + p0, sizeof(T) * width);
     }
   });
-  permute_rows(G4, I, LI, a.w_ih, perm, w_ih_p.data());
+  permute_rows(G4, I, LI, a.w_ih, perm, w_ih_p);
 
   // Running gradients of h_{t-1} and c_{t-1}; rows not yet reached hold grad_h_n / grad_c_n, and rows that
   // are finished hold their gradients of h0 / c0.
@@ -369,8 +374,8 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
   T* grad_cell = a.grad_c0;
   std::memcpy(grad_hidden, a.grad_h_n, sizeof(T) * s.batch * P);
   std::memcpy(grad_cell, a.grad_c_n, sizeof(T) * s.batch * H);
-  std::vector<T> grad_out_all(s.has_proj ? N * P : 0);  // dL/dh_t of every row, for dW_hr
-  std::vector<T> grad_raw(s.has_proj ? s.batch * H : 0);
+  T* grad_out_all = s.has_proj ? workspace<T>(WorkspaceSlot::hidden_prev, N * P) : nullptr;  // dL/dh_t, for dW_hr
+  T* grad_raw = s.has_proj ? workspace<T>(WorkspaceSlot::raw, s.batch * H) : nullptr;
   const int64_t blocks = columns.blocks();
 
   for (int64_t step = 0; step < s.steps; ++step) {
@@ -385,19 +390,20 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
     const T* grad_cell_output = grad_hidden;  // dL/d(o * tanh(c)) of this step
     int64_t ld_grad = P;
     if (s.has_proj) {
-      std::memcpy(grad_out_all.data() + row0 * P, grad_hidden, sizeof(T) * n * P);
+      std::memcpy(grad_out_all + row0 * P, grad_hidden, sizeof(T) * n * P);
       const int64_t h_tiles = (H + kTile - 1) / kTile;
       parallel_for(h_tiles, grain_for(h_tiles, 2 * n * kTile * P), [&](int64_t begin, int64_t end) {
         for (int64_t tile = begin; tile < end; ++tile) {
           const int64_t h0 = tile * kTile, width = std::min(kTile, H - h0);
-          gemm(n, width, P, grad_hidden, P, a.w_hr + h0, H, grad_raw.data() + h0, H, false);
+          gemm(n, width, P, grad_hidden, P, a.w_hr + h0, H, grad_raw + h0, H, false);
         }
       });
-      grad_cell_output = grad_raw.data();
+      grad_cell_output = grad_raw;
       ld_grad = H;
     }
 
-    T* gates_t = a.gates + row0 * LG;
+    const T* gates_t = a.gates + row0 * LG;
+    T* grad_gates_t = grad_gates + row0 * LG;
     const T* cells_t = a.cells + row0 * H;
     const int64_t back_chunks = row_chunks_for(blocks, n);
     parallel_for(blocks * back_chunks, grain_for(blocks, 64 * (n / back_chunks) * kUnitBlock),
@@ -409,7 +415,8 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
         split_range(n, back_chunks, item / blocks, b0, b1);
         for (int64_t b = b0; b < b1; ++b) {
           const T* cell_prev = b < n_prev ? a.cells + (steps.offset[tp] + b) * H : a.c0 + b * H;
-          block_backward(gates_t + b * LG + base, width, grad_cell_output + b * ld_grad + unit0,
+          block_backward(gates_t + b * LG + base, grad_gates_t + b * LG + base, width,
+                         grad_cell_output + b * ld_grad + unit0,
                          grad_cell + b * H + unit0, cells_t + b * H + unit0, cell_prev + unit0);
         }
       }
@@ -422,22 +429,22 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
         const int64_t tile = item % p_tiles, p0 = tile * kTile, width = std::min(kTile, P - p0);
         int64_t b0, b1;
         split_range(n, dh_chunks, item / p_tiles, b0, b1);
-        gemm(b1 - b0, width, G4, gates_t + b0 * LG, LG, w_hh_p.data() + p0 * G4, width, grad_hidden + b0 * P + p0, P,
+        gemm(b1 - b0, width, G4, grad_gates_t + b0 * LG, LG, w_hh_p + p0 * G4, width, grad_hidden + b0 * P + p0, P,
              false);
       }
     });
   }
 
   // Gradients that sum over all steps, as large GEMMs.
-  const T* grad_gates = a.gates;
-  gemm_parallel(N, I, G4, grad_gates, LG, w_ih_p.data(), LI, a.grad_input, I, false);
+  gemm_parallel(N, I, G4, grad_gates, LG, w_ih_p, LI, a.grad_input, I, false);
 
   // Transposed operands [features x N], rows padded (see padded_stride).
   const int64_t LN = padded_stride<T>(N);
-  std::vector<T> left(std::max(I, P) * LN), product(std::max(I, P) * G4);
-  transpose_parallel(N, I, a.input, I, left.data(), LN);
-  gemm_parallel(I, G4, N, left.data(), LN, grad_gates, LG, product.data(), G4, false);
-  unpack_transposed(G4, I, product.data(), perm, a.grad_w_ih);
+  T* left = workspace<T>(WorkspaceSlot::left, std::max(I, P) * LN);
+  T* product = workspace<T>(WorkspaceSlot::product, std::max(I, P) * G4);
+  transpose_parallel(N, I, a.input, I, left, LN);
+  gemm_parallel(I, G4, N, left, LN, grad_gates, LG, product, G4, false);
+  unpack_transposed(G4, I, product, perm, a.grad_w_ih);
 
   // The left operand of W_hh's gradient: h_{t-1} of every row (h0 where a sequence starts), transposed.
   parallel_for(s.steps, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, s.batch * P)), [&](int64_t t0, int64_t t1) {
@@ -445,12 +452,12 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
       const int64_t tp = s.reverse ? t + 1 : t - 1;
       const int64_t n_prev = (tp >= 0 && tp < s.steps) ? steps.batch[tp] : 0;
       const int64_t n = steps.batch[t], m = std::min(n, n_prev);
-      if (m > 0) transpose_copy(m, P, a.output + steps.offset[tp] * P, P, left.data() + steps.offset[t], LN);
-      if (n > m) transpose_copy(n - m, P, a.h0 + m * P, P, left.data() + steps.offset[t] + m, LN);
+      if (m > 0) transpose_copy(m, P, a.output + steps.offset[tp] * P, P, left + steps.offset[t], LN);
+      if (n > m) transpose_copy(n - m, P, a.h0 + m * P, P, left + steps.offset[t] + m, LN);
     }
   });
-  gemm_parallel(P, G4, N, left.data(), LN, grad_gates, LG, product.data(), G4, false);
-  unpack_transposed(G4, P, product.data(), perm, a.grad_w_hh);
+  gemm_parallel(P, G4, N, left, LN, grad_gates, LG, product, G4, false);
+  unpack_transposed(G4, P, product, perm, a.grad_w_hh);
 
   if (a.grad_bias != nullptr) {
     std::vector<T> sums(G4, T(0));
@@ -465,8 +472,8 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
     for (int64_t r = 0; r < G4; ++r) a.grad_bias[r] = sums[perm[r]];
   }
   if (s.has_proj) {
-    transpose_parallel(N, P, grad_out_all.data(), P, left.data(), LN);
-    gemm_parallel(P, H, N, left.data(), LN, a.raw_hidden, H, a.grad_w_hr, H, false);
+    transpose_parallel(N, P, grad_out_all, P, left, LN);
+    gemm_parallel(P, H, N, left, LN, a.raw_hidden, H, a.grad_w_hr, H, false);
   }
 }
 

@@ -92,7 +92,7 @@ struct LstmLayerBackwardArgs {
   const T* w_hh = nullptr;
   const T* w_hr = nullptr;
   const T* output = nullptr;       // the forward's output
-  T* gates = nullptr;              // the forward's saved gates; overwritten with gate gradients
+  const T* gates = nullptr;        // the forward's saved gates (read only)
   const T* cells = nullptr;
   const T* raw_hidden = nullptr;
   T* grad_input = nullptr;         // [N x I]

@@ -196,7 +196,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
               "lstm_layer_backward: the saved gates and cells must come from lstm_layer(..., train=True)");
   TORCH_CHECK(grad_output.sizes() == output.sizes() && grad_h_n.sizes() == h0.sizes() && grad_c_n.sizes() == c0.sizes(),
               "lstm_layer_backward: gradients must have the shapes of output, h_n and c_n");
-  Tensor gates = gates_.clone();  // overwritten with the gate gradients
+  const Tensor gates = gates_.contiguous();
   const auto opts = input.options();
   Tensor grad_input = at::empty({s.rows, s.input_size}, opts);
   Tensor grad_h0 = at::empty({s.batch, s.output_size}, opts);
