@@ -15,6 +15,7 @@
 
 #include "attention/attention_math.h"
 #include "common/gemm.h"
+#include "common/transpose_kernel.h"
 #include "common/parallel.h"
 
 #include <algorithm>
@@ -191,9 +192,9 @@ void backward_block(const AdditiveBackwardArgs<T>& a, int64_t b, int64_t i0, int
   T* dw = buffer.data() + std::max(Dv, rows) * n;  // [rows, n]
   const T* w_block = a.weights + (b * Tq + i0) * Tk + span.first;
   const T* dc_block = a.grad_context + (b * Tq + i0) * Dv;
-  transpose_copy(n, Dv, a.value + (b * Tk + span.first) * Dv, Dv, transposed, n);
+  fast_transpose(n, Dv, a.value + (b * Tk + span.first) * Dv, Dv, transposed, n);
   gemm(rows, n, Dv, dc_block, Dv, transposed, n, dw, n, false);
-  transpose_copy(rows, n, w_block, Tk, transposed, rows);
+  fast_transpose(rows, n, w_block, Tk, transposed, rows);
   gemm(n, Dv, rows, transposed, rows, dc_block, Dv, dvalue_batch + span.first * Dv, Dv, true);
   const T* k_batch = a.k + b * Tk * H;
   for (int64_t r = 0; r < rows; ++r) {

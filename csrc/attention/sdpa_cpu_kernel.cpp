@@ -13,6 +13,7 @@
 
 #include "attention/attention_math.h"
 #include "common/gemm.h"
+#include "common/transpose_kernel.h"
 #include "common/parallel.h"
 #include "common/vec_math.h"
 #include "common/workspace.h"
@@ -100,7 +101,7 @@ void finish_scores(T* scores, int64_t ld, int64_t rows, int64_t cols, int64_t i0
 // dst[c * rows + r] = src[r * ld + c]: a small tile transposed for use as a GEMM operand.
 template <typename T>
 void transpose_tile(const T* src, int64_t ld, int64_t rows, int64_t cols, T* dst, int64_t ld_dst) {
-  transpose_copy(rows, cols, src, ld, dst, ld_dst);
+  fast_transpose(rows, cols, src, ld, dst, ld_dst);
 }
 
 template <typename T>
@@ -274,7 +275,7 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
   parallel_for(kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t head = begin; head < end; ++head) {
       const int64_t b = head / s.kv_heads, kvh = head % s.kv_heads;
-      transpose_copy(S, E, a.k + b * a.k_strides.batch + kvh * a.k_strides.head, a.k_strides.row,
+      fast_transpose(S, E, a.k + b * a.k_strides.batch + kvh * a.k_strides.head, a.k_strides.row,
                      keys_t + head * E * ld_kt, ld_kt);
     }
   });
@@ -413,8 +414,8 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
             if (prepared_head != bh) {  // this head's queries (scaled, and transposed) and dO transposed
               for (int64_t i = 0; i < L; ++i)
                 for (int64_t c = 0; c < E; ++c) q_scaled[i * E + c] = q_head[i * a.q_strides.row + c] * scale;
-              transpose_copy(L, E, q_head, a.q_strides.row, q_t.data(), L);
-              transpose_copy(L, Ev, a.grad_out + bh * L * Ev, Ev, grad_out_t.data(), L);
+              fast_transpose(L, E, q_head, a.q_strides.row, q_t.data(), L);
+              fast_transpose(L, Ev, a.grad_out + bh * L * Ev, Ev, grad_out_t.data(), L);
               prepared_head = bh;
             }
             for (int64_t i0 = (std::max<int64_t>(i_lo, 0) / kQueryTile) * kQueryTile; i0 <= i_hi; i0 += kQueryTile) {
@@ -465,10 +466,9 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
           }
           T* grad_k = a.grad_k + (head * S + j0) * E;
           T* grad_v = a.grad_v + (head * S + j0) * Ev;
-          for (int64_t c = 0; c < cols; ++c) {
-            for (int64_t e = 0; e < E; ++e) grad_k[c * E + e] = dk_t[e * cols + c] * scale;
-            for (int64_t e = 0; e < Ev; ++e) grad_v[c * Ev + e] = dv_t[e * cols + c];
-          }
+          fast_transpose(E, cols, dk_t.data(), cols, grad_k, E);
+          fast_transpose(Ev, cols, dv_t.data(), cols, grad_v, Ev);
+          for (int64_t x = 0; x < cols * E; ++x) grad_k[x] *= scale;
         }
       }
     }

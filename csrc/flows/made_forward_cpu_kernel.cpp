@@ -8,6 +8,7 @@
 #include "flows/made_kernel.h"
 
 #include "common/gemm.h"
+#include "common/transpose_kernel.h"
 #include "common/parallel.h"
 #include "flows/flow_math.h"
 
@@ -228,7 +229,7 @@ void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accum
       activate(act, src, activated, rows * in);
       input = activated;
     }
-    transpose_copy(rows, in, input, in, input_t, rows);
+    fast_transpose(rows, in, input, in, input_t, rows);
     std::fill(da, da + rows * in, T(0));
     for (int64_t c0 = 0; c0 < out; c0 += kColumnBlock) {
       const int64_t c1 = std::min(out, c0 + kColumnBlock), k = y.extent[c1 - 1];

@@ -7,6 +7,7 @@
 #include "lstm/lstm_kernel.h"
 
 #include "common/gemm.h"
+#include "common/transpose_kernel.h"
 #include "common/parallel.h"
 #include "common/vec_math.h"
 #include "common/workspace.h"
@@ -124,13 +125,13 @@ void permute_rows(int64_t R, int64_t K, int64_t ld_dst, const T* src, const std:
   for (int64_t r = 0; r < R; ++r) std::memcpy(dst + perm[r] * ld_dst, src + r * K, sizeof(T) * K);
 }
 
-// transpose_copy shared among threads by tiles of source columns (destination rows).
+// fast_transpose shared among threads by tiles of source columns (destination rows).
 template <typename T>
 void transpose_parallel(int64_t rows, int64_t cols, const T* src, int64_t ld_src, T* dst, int64_t ld_dst) {
   constexpr int64_t kCols = 64;
   parallel_for((cols + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
     const int64_t c0 = begin * kCols, c1 = std::min(cols, end * kCols);
-    transpose_copy(rows, c1 - c0, src + c0, ld_src, dst + c0 * ld_dst, ld_dst);
+    fast_transpose(rows, c1 - c0, src + c0, ld_src, dst + c0 * ld_dst, ld_dst);
   });
 }
 
@@ -250,7 +251,7 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
     w_hh_t = packed;
   }
   T* w_hr_t = s.has_proj ? workspace<T>(WorkspaceSlot::w_hr, H * P) : nullptr;
-  if (s.has_proj) transpose_copy(P, H, a.w_hr, H, w_hr_t, P);
+  if (s.has_proj) fast_transpose(P, H, a.w_hr, H, w_hr_t, P);
   std::vector<S> bias(s.has_bias ? G4 : 0);
   for (int64_t r = 0; r < G4 && s.has_bias; ++r) bias[perm[r]] = S(a.b_ih[r]) + S(a.b_hh[r]);
 
@@ -452,8 +453,8 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
       const int64_t tp = s.reverse ? t + 1 : t - 1;
       const int64_t n_prev = (tp >= 0 && tp < s.steps) ? steps.batch[tp] : 0;
       const int64_t n = steps.batch[t], m = std::min(n, n_prev);
-      if (m > 0) transpose_copy(m, P, a.output + steps.offset[tp] * P, P, left + steps.offset[t], LN);
-      if (n > m) transpose_copy(n - m, P, a.h0 + m * P, P, left + steps.offset[t] + m, LN);
+      if (m > 0) fast_transpose(m, P, a.output + steps.offset[tp] * P, P, left + steps.offset[t], LN);
+      if (n > m) fast_transpose(n - m, P, a.h0 + m * P, P, left + steps.offset[t] + m, LN);
     }
   });
   gemm_parallel(P, G4, N, left, LN, grad_gates, LG, product, G4, false);
