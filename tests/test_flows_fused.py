@@ -222,6 +222,31 @@ def test_sorted_weights_follow_a_mask_changed_through_data():
         torch.testing.assert_close(t(x)[0], t._forward_composed(x, None)[0], **TOL)
 
 
+@pytest.mark.parametrize("replace", ["weight", "bias", "mask", "dtype"])
+def test_layer_lists_follow_replaced_tensors(replace):
+    """The op's layer lists are kept between calls: a parameter or buffer replaced afterwards (or the module
+    moved to another dtype) must be seen by the next call."""
+    t = make_transform(4, use_residual_blocks=False)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    layer = t.autoregressive_net.blocks[0].linear
+    with torch.no_grad():
+        t(x)
+        if replace == "weight":
+            layer.weight = torch.nn.Parameter(torch.randn_like(layer.weight))
+        elif replace == "bias":
+            layer.bias = torch.nn.Parameter(torch.randn_like(layer.bias))
+        elif replace == "mask":  # a new tensor (of a valid MADE mask: the same one)
+            layer.mask = layer.mask.clone()
+        else:
+            t.float()
+            x = x.float()
+        tol = TOL if replace != "dtype" else dict(rtol=1e-5, atol=1e-5)
+        for ours, composed in zip(t(x), t._forward_composed(x, None)):
+            torch.testing.assert_close(ours, composed, **tol)
+        lists = made_plan._ForwardPlan.of(t.autoregressive_net).layers_without_context
+        assert any(m is layer.mask for m in lists.masks) and any(w is layer.weight for w in lists.weights)
+
+
 def test_relu_keeps_nan_as_torch_does():
     t = make_transform(3, use_residual_blocks=False)
     with torch.no_grad():

@@ -145,9 +145,11 @@ class _Layers:
     def __init__(self):
         self.weights, self.masks, self.in_perms, self.out_perms, self.biases, self.contexts = [], [], [], [], [], []
         self.info = []
+        self.held = []  # (linear, weight, bias, mask, degrees, degrees' version) the lists were built from
 
     def add(self, linear, in_perm, out_perm, src, residual=-1, act_in=False, act_out=False, context=None) -> int:
         none = linear.weight.new_empty(0)  # absent bias or context
+        self.held.append((linear, linear.weight, linear.bias, linear.mask, linear.degrees, linear.degrees._version))
         self.weights.append(linear.weight)
         self.masks.append(linear.mask)
         self.in_perms.append(in_perm)
@@ -156,6 +158,17 @@ class _Layers:
         self.contexts.append(context.contiguous() if context is not None else none)
         self.info += [src, residual, int(act_in), int(act_out)]
         return len(self.info) // 4
+
+    def still_current(self) -> bool:
+        """Whether every layer still holds the tensors these lists were built from (a replaced parameter or
+        buffer, or degrees changed in place, means building them again). Reads the modules' dicts directly:
+        nn.Module attribute lookups would cost more than building the lists."""
+        for linear, weight, bias, mask, degrees, version in self.held:
+            params, buffers = linear._parameters, linear._buffers
+            if (params["weight"] is not weight or params.get("bias") is not bias or buffers["mask"] is not mask
+                    or buffers["degrees"] is not degrees or degrees._version != version):
+                return False
+        return True
 
 
 class _Perms:
@@ -199,8 +212,8 @@ class _Perms:
 
 class _ForwardPlan:
     """What made_forward needs to know of a MADE's structure, found once per MADE (walking its modules on every
-    call cost about a third of a small layer's time): whether the op covers it, the dropout modules to check, and
-    the linear layers whose tensors are read at each call."""
+    call cost about a third of a small layer's time): whether the op covers it, the dropout modules to check,
+    and the op's layer lists (rebuilt when a layer's tensors are replaced)."""
 
     @staticmethod
     def of(made: MADE) -> "_ForwardPlan":
@@ -214,28 +227,16 @@ class _ForwardPlan:
         self.act = activation_code(made.activation)
         modules = list(made.modules())
         self.dropouts = [m for m in modules if isinstance(m, nn.Dropout)]
-        self.linears = [m for m in modules if isinstance(m, nn.Linear)]
         blocks_ok = all(block.activation is made.activation and (
             isinstance(block, MaskedFeedforwardBlock) or
             (isinstance(block, MaskedResidualBlock) and block.degrees_match_inputs)) for block in made.blocks)
         self.supported = (self.act is not None and blocks_ok and made.output_multiplier == 2
                           and not any(isinstance(m, nn.BatchNorm1d) for m in modules))
-
-    def parameters(self):
-        for linear in self.linears:
-            yield linear.weight
-            if linear.bias is not None:
-                yield linear.bias
+        self.layers_without_context: _Layers | None = None  # reused by later calls while still current
 
 
-def made_forward(made: MADE, inputs: Tensor, context: Tensor | None, epsilon: float) -> tuple[Tensor, Tensor] | None:
-    """(scale * x + shift, sum log scale) through the fused op, or None when the MADE or the inputs are outside
-    what it covers (batch norm, dropout in training, other activations, dtypes or devices)."""
-    plan = _ForwardPlan.of(made)
-    if (not plan.supported or (made.training and any(m.p > 0 for m in plan.dropouts))
-            or inputs.device.type != "cpu" or inputs.dtype not in (torch.float32, torch.float64) or inputs.dim() != 2
-            or any(p.dtype != inputs.dtype for p in plan.parameters())):
-        return None
+def _describe_layers(made: MADE, context: Tensor | None) -> _Layers:
+    """The op's layer list for this MADE, in the order its layers run."""
     perms = _Perms.of(made)
     layers = _Layers()
     x_perm = _identity(made.features)  # inputs have degrees 1..D in order
@@ -255,9 +256,33 @@ def made_forward(made: MADE, inputs: Tensor, context: Tensor | None, epsilon: fl
             buffer = layers.add(block.linear, perm, out_perm, src=buffer, act_out=True)
             perm = out_perm
     layers.add(made.final_layer, perm, perms.sort(made.final_layer.degrees), src=buffer)
+    return layers
+
+
+def made_forward(made: MADE, inputs: Tensor, context: Tensor | None, epsilon: float) -> tuple[Tensor, Tensor] | None:
+    """(scale * x + shift, sum log scale) through the fused op, or None when the MADE or the inputs are outside
+    what it covers (batch norm, dropout in training, other activations, dtypes or devices)."""
+    plan = _ForwardPlan.of(made)
+    if (not plan.supported or (made.training and any(m.p > 0 for m in plan.dropouts))
+            or inputs.device.type != "cpu" or inputs.dtype not in (torch.float32, torch.float64) or inputs.dim() != 2):
+        return None
+    compiling = torch.compiler.is_compiling()
+    layers = plan.layers_without_context if context is None and not compiling else None
+    if layers is None or not layers.still_current():
+        layers = _describe_layers(made, context)
+        if context is None and not compiling:
+            plan.layers_without_context = layers
+    if any(t.dtype != inputs.dtype for t in layers.weights) or any(t.dtype != inputs.dtype for t in layers.biases
+                                                                   if t.numel()):
+        return None
     save = torch.is_grad_enabled() and (inputs.requires_grad or (context is not None and context.requires_grad)
-                                        or any(p.requires_grad for p in plan.parameters()))  # for the backward
-    outputs, logabsdet, _ = _forward_op(inputs.contiguous(), layers.weights, layers.masks, layers.in_perms,
-                                        layers.out_perms, layers.biases, layers.contexts, layers.info, plan.act,
-                                        float(epsilon), save)
+                                        or any(t.requires_grad for t in layers.weights)
+                                        or any(t.requires_grad for t in layers.biases))  # for the backward
+    args = (inputs.contiguous(), layers.weights, layers.masks, layers.in_perms, layers.out_perms, layers.biases,
+            layers.contexts, layers.info, plan.act, float(epsilon), save)
+    if save or compiling:
+        outputs, logabsdet, _ = _forward_op(*args)
+    else:  # nothing to differentiate: straight to the kernel, past the autograd wrapper's Python layer
+        with torch._C._AutoDispatchBelowAutograd():
+            outputs, logabsdet, _ = _forward_op(*args)
     return outputs, logabsdet
