@@ -9,6 +9,7 @@
 
 #include "common/gemm.h"
 #include "common/transpose_kernel.h"
+#include "common/vec_math.h"
 #include "common/parallel.h"
 #include "flows/flow_math.h"
 
@@ -48,7 +49,8 @@ void activate(MadeActivation kind, const T* in, T* out, int64_t n) {
 }
 
 // In place: unconstrained -> scale = softplus + epsilon; also log(scale) and, if asked, d scale / d unconstrained.
-// Vectorised: libm's scalar log and log1p cost more than the whole network's products at small hidden sizes.
+// Vectorised, on the fast float exp and log of vec_math.h: with SLEEF's 1-ulp exp, log1p and log this took an
+// eighth of a MAF forward at hidden 256.
 template <typename T>
 void affine_scales(T* values, T* log_scale, T* slope, int64_t n, T epsilon) {
   using Vec = at::vec::Vectorized<T>;
@@ -56,11 +58,11 @@ void affine_scales(T* values, T* log_scale, T* slope, int64_t n, T epsilon) {
   for (int64_t i = 0; i < n; i += W) {  // the last vector partly filled: D is often below the vector width
     const int64_t w = std::min(W, n - i);
     const Vec raw = Vec::loadu(values + i, w);
-    const Vec large = raw > Vec(T(20));
-    const Vec scale = Vec::blendv(raw.exp().log1p(), raw, large) + Vec(epsilon);
+    const Vec scale = softplus_(raw) + Vec(epsilon);
     scale.store(values + i, w);
-    scale.log().store(log_scale + i, w);
-    if (slope) Vec::blendv(Vec(T(1)) / (Vec(T(1)) + raw.neg().exp()), Vec(T(1)), large).store(slope + i, w);
+    log_(scale).store(log_scale + i, w);
+    if (slope)
+      Vec::blendv(Vec(T(1)) / (Vec(T(1)) + exp_(raw.neg())), Vec(T(1)), raw > Vec(T(20))).store(slope + i, w);
   }
 }
 
