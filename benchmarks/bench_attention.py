@@ -149,7 +149,9 @@ def layer_cases(sizes: str, dtype: str) -> list[Case]:
             Case("attention", "Luong local-p vs global, context only", "B=32 T=64 S=2048 H=256 D=10", 0.0,
                  _luong_make("local-p", attentional=False), reference="our global attention", goal="<= 0.1x global"),
             Case("attention", "Luong local-m vs global", "B=32 T=64 S=2048 H=256 D=10", 0.0, _luong_make("local-m"),
-                 reference="our global attention")]
+                 reference="our global attention"),
+            Case("attention", "Luong local-p window vs global, attention step only", "B=32 T=64 S=2048 H=256 D=10",
+                 0.0, _luong_attention_step_make(), reference="our fused SDPA over all S")]
 
 
 def _additive_make(b=32, q_len=64, kv_len=256, size=256):
@@ -175,6 +177,24 @@ def _encoder_make(b=16, length=256, d_model=512, heads=8):
         ours.load_state_dict(ref.state_dict())
         x = torch.randn(b, length, d_model, requires_grad=True)
         return (lambda: ref(x).sum().backward()), (lambda: ours(x).sum().backward())
+    return make
+
+
+def _luong_attention_step_make(b=32, t=64, s=2048, hidden=256, window=10):
+    """The attention step alone, on the same projected queries: local-p's Gaussian-weighted window (the fused
+    window kernel) against the fused attention over every source position. The projections and the attentional
+    state, which both layers run, are left out."""
+    def make():
+        torch.manual_seed(0)
+        query, source = torch.randn(b, t, hidden), torch.randn(b, s, hidden)
+        centre = s * torch.rand(b, t)  # p_t
+        first = torch.ceil(centre - window).long()
+        positions = first[..., None] + torch.arange(2 * window + 1)
+        valid = (positions >= 0) & (positions < s) & (positions <= centre[..., None] + window)
+        gauss = torch.exp(-(positions.float() - centre[..., None]) ** 2 / (2 * (window / 2) ** 2))
+        sdpa = fusedlayers.functional.scaled_dot_product_attention
+        window_op = torch.ops.fusedlayers.window_attention
+        return (lambda: sdpa(query, source, source, scale=1.0)), (lambda: window_op(query, source, gauss, first, valid))
     return make
 
 

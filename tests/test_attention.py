@@ -34,7 +34,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 import fusedlayers  # noqa: F401  (registers the ops)
 from fusedlayers.functional import scaled_dot_product_attention as fl_sdpa
@@ -46,6 +46,13 @@ TOL = {F64: dict(atol=1e-10, rtol=1e-10), F32: dict(atol=2e-5, rtol=2e-5)}
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
+
+def causal_band(window):
+    """is_causal as a window ((left, right) with right <= 0): the same band, for calls where torch (and so we)
+    refuse is_causal together with a mask (dropout, a mask gradient, other ranks)."""
+    left, right = window or (None, None)
+    return (left, 0 if right is None else min(right, 0))
+
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
@@ -337,21 +344,30 @@ def test_mask_other_ranks(lead, kind):
 @pytest.mark.parametrize("L,S", [(70, 131), (131, 70), (5, 9), (9, 5)])
 def test_mask_with_causal(L, S, mask_kind):
     # torch 2.13's fused CPU path (4-D, no dropout, no mask gradient) applies both (AND-ed); its math path
-    # (other ranks, GQA, dropout, a mask that requires grad) refuses the pair. We AND them for every input.
+    # (other ranks, dropout, a mask that requires grad) refuses the pair with a RuntimeError. So do we.
     q, k, v = qkv(2, 2, L, S, 8)
     if mask_kind == "bool":
         mask = rand_bool(2, 1, L, S, seed=7)
     else:
         mask = randn(L, S, seed=7, dtype=F32 if mask_kind == "float32" else F64)
     grad = mask_kind == "float_grad"
+    refused = "Explicit attn_mask should not be set when is_causal=True"
+    three_d = (q[0], k[0], v[0], mask[0] if mask.dim() == 4 else mask)
+    for args in [three_d] + ([(q, k, v, mask.detach().requires_grad_())] if grad else []):
+        with pytest.raises(RuntimeError, match=refused):
+            fl_sdpa(*args, is_causal=True)
+        with pytest.raises(RuntimeError, match=refused):
+            F.scaled_dot_product_attention(*args, is_causal=True)
+    with pytest.raises(RuntimeError, match=refused):
+        fl_sdpa(q, k, v, mask, dropout_p=0.5, is_causal=True)
+    if grad:
+        return
     if mask_kind in ("bool", "float"):
         compare(q, k, v, mask, is_causal=True)  # against torch's own mask + is_causal
     # Against the explicit combination (a float32 mask: upcast, see test_float32_mask_with_other_query_dtypes).
     tri = band_mask(L, S, causal=True)
     ref = lambda m: combine(m if m.dtype != F32 else m.double(), tri)  # noqa: E731
-    compare(q, k, v, mask, mask_grad=grad, is_causal=True, ref_kw={}, ref_mask=ref)
-    compare(q[0], k[0], v[0], mask[0] if mask.dim() == 4 else mask, mask_grad=grad, is_causal=True, ref_kw={},
-            ref_mask=ref)
+    compare(q, k, v, mask, is_causal=True, ref_kw={}, ref_mask=ref)
 
 
 def test_float32_mask_with_other_query_dtypes():
@@ -393,7 +409,7 @@ def test_mask_grad_broadcast_sums():
 def test_mask_grad_zero_where_disallowed():
     q, k, v = qkv(1, 2, 70, 131, 8)
     mask = randn(70, 131, seed=1)
-    _, grads = run(fl_sdpa, q, k, v, mask, mask_grad=True, is_causal=True, window=(20, None))
+    _, grads = run(fl_sdpa, q, k, v, mask, mask_grad=True, window=(20, 0))  # causal + mask grad: refused, as torch
     allowed = band_mask(70, 131, left=20, causal=True)
     assert (grads[3][~allowed] == 0).all()
     assert (grads[3][allowed] != 0).any()
@@ -497,6 +513,8 @@ def test_window_with_mask_and_gqa(kind):
     mask = rand_bool(2, 1, L, S, seed=3) if kind == "bool" else randn(1, 4, 1, S, seed=3)
     for window, causal in [((5, 5), False), ((16, None), True)]:
         band = band_mask(L, S, *window, causal=causal)
+        if causal and kind == "float_grad":  # is_causal with a mask gradient: refused, as by torch
+            window, causal = causal_band(window), False
         compare(q, k, v, mask, mask_grad=kind == "float_grad", window=window, is_causal=causal, enable_gqa=True,
                 ref_kw=dict(enable_gqa=True), ref_mask=lambda m: combine(m, band))
 
@@ -624,8 +642,9 @@ def test_dropout_matches_masked_reference(B, L, S, causal, window, Hk):
         torch.manual_seed(seed)
         return fl_sdpa(*args, **kw)
 
-    out, grads = run(ours, q, k, v, mask, mask_grad=True, dropout_p=p, is_causal=causal, window=window,
-                     enable_gqa=Hk != H)
+    if causal:  # is_causal with dropout and a mask: refused, as by torch
+        window = causal_band(window)
+    out, grads = run(ours, q, k, v, mask, mask_grad=True, dropout_p=p, window=window, enable_gqa=Hk != H)
     ref_out, ref_grads = run(reference, q, k, v, mask, mask_grad=True)
     assert_close(out, ref_out)
     for g, rg in zip(grads, ref_grads):
@@ -666,7 +685,7 @@ def test_dropout_zero_and_one():
     assert torch.equal(o1, torch_sdpa(q, k, v, dropout_p=1.0))
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(is_causal=True, window=(2, 1))], ids=["plain", "causal_window"])
+@pytest.mark.parametrize("kw", [dict(), dict(window=causal_band((2, 1)))], ids=["plain", "causal_window"])
 def test_dropout_gradcheck_fixed_seed(kw):
     # With the seed reset before every call the function is deterministic and smooth: finite differences apply.
     q, k, v = (t.requires_grad_() for t in qkv(1, 2, 4, 6, 3, 2))
@@ -755,7 +774,7 @@ GRADCHECK_CASES = {
     "scale": dict(scale=0.7),
     "bool_mask": dict(mask="bool"),
     "float_mask_grad": dict(mask="float"),
-    "float_mask_broadcast_causal": dict(mask="float_bcast", is_causal=True),
+    "float_mask_broadcast_causal": dict(mask="float_bcast", window=(None, 0)),  # is_causal + a mask gradient: refused
     "window": dict(window=(1, 2)),
     "window_causal": dict(window=(2, None), is_causal=True),
     "gqa": dict(H=4, Hk=1, enable_gqa=True),
@@ -864,7 +883,8 @@ def test_compile_fullgraph_forward_backward():
 
         def forward(self, x, mask):
             q, k, v = self.proj(x).view(x.shape[0], x.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4)
-            a = fl_sdpa(q, k, v, attn_mask=mask, is_causal=True)
+            # (is_causal with a mask that requires grad is refused, as by torch: the causal band as a window)
+            a = fl_sdpa(q, k, v, attn_mask=mask, window=(None, 0)) + fl_sdpa(q, k, v, is_causal=True)
             b = fl_sdpa(q, k, v, window=(3, 0), scale=0.25)
             return (a + b).transpose(1, 2).reshape(x.shape[0], x.shape[1], 16)
 
@@ -1051,6 +1071,7 @@ def test_op_rejects_unbroadcast_mask_and_wrong_rank():
                                              st.one_of(st.none(), st.integers(0, 40)))),
        use_scale=st.booleans(), seed=st.integers(0, 2**16))
 def test_hypothesis_against_torch(B, Hk, group, L, S, E, Ev, causal, mask_kind, window, use_scale, seed):
+    assume(not (causal and "grad" in mask_kind))  # refused, as by torch (test_mask_with_causal)
     H = Hk * group
     q, k, v = qkv(B, H, L, S, E, Ev, Hk=Hk, seed=seed)
     shape = {"none": None, "bool_LS": (L, S), "bool_B1LS": (B, 1, L, S), "bool_BHLS": (B, H, L, S),

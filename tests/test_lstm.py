@@ -1043,10 +1043,9 @@ def test_bfloat16_cell_close_to_float32():
     torch.testing.assert_close(c16.float(), c32, **BF16_TOL)
 
 
-@pytest.mark.xfail(reason="fusedlayers' lstm_layer op (C++) supports float32/float64/bfloat16 only; torch.nn.LSTM "
-                          "and LSTMCell run in float16 on CPU", raises=TypeError, strict=True)
 @pytest.mark.parametrize("cls", ["LSTM", "LSTMCell"])
 def test_float16_module_like_torch(cls):
+    """float16 runs in float32 inside (the kernels' types) and returns float16, as torch's layers return it."""
     if cls == "LSTM":
         ref, ours = make_lstm_pair(INPUT_SIZE, HIDDEN, dtype=torch.float16)
         x = torch.randn(STEPS, BATCH, INPUT_SIZE).half()

@@ -7,32 +7,45 @@ import torch
 from . import nn as fnn
 
 
-def _lstm_from(m: torch.nn.LSTM) -> fnn.LSTM:
-    w = m.weight_ih_l0
-    new = fnn.LSTM(m.input_size, m.hidden_size, num_layers=m.num_layers, bias=m.bias, batch_first=m.batch_first,
-                   dropout=m.dropout, bidirectional=m.bidirectional, proj_size=m.proj_size, device=w.device,
-                   dtype=w.dtype)
-    new.load_state_dict(m.state_dict())
-    new.train(m.training)
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _take_over(new: torch.nn.Module, old: torch.nn.Module) -> torch.nn.Module:
+    """new takes old's own parameter and buffer objects (so an optimizer built before the conversion, frozen
+    parameters and shared weights keep working), its submodules, its hooks and its train/eval mode."""
+    for name, param in old._parameters.items():
+        setattr(new, name, param)  # through __setattr__: RNNBase refreshes its flat weight list
+    for name, buffer in old._buffers.items():
+        new._buffers[name] = buffer
+    for name, child in old._modules.items():
+        new._modules[name] = child
+    for hooks in _HOOK_DICTS:
+        if hasattr(old, hooks):
+            setattr(new, hooks, getattr(old, hooks))
+    new.train(old.training)
+    left = [name for name, t in [*new.named_parameters(), *new.named_buffers()] if t.is_meta]
+    if left:  # built on the meta device: every tensor must have come from old
+        raise RuntimeError(f"convert: {type(old).__name__} has no tensors for {left}")
     return new
+
+
+def _lstm_from(m: torch.nn.LSTM) -> fnn.LSTM:
+    new = fnn.LSTM(m.input_size, m.hidden_size, num_layers=m.num_layers, bias=m.bias, batch_first=m.batch_first,
+                   dropout=m.dropout, bidirectional=m.bidirectional, proj_size=m.proj_size, device="meta")
+    return _take_over(new, m)
 
 
 def _lstm_cell_from(m: torch.nn.LSTMCell) -> fnn.LSTMCell:
-    w = m.weight_ih
-    new = fnn.LSTMCell(m.input_size, m.hidden_size, bias=m.bias, device=w.device, dtype=w.dtype)
-    new.load_state_dict(m.state_dict())
-    new.train(m.training)
-    return new
+    return _take_over(fnn.LSTMCell(m.input_size, m.hidden_size, bias=m.bias, device="meta"), m)
 
 
 def _mha_from(m: torch.nn.MultiheadAttention) -> fnn.MultiheadAttention:
-    w = m.out_proj.weight
     new = fnn.MultiheadAttention(m.embed_dim, m.num_heads, dropout=m.dropout, bias=m.in_proj_bias is not None,
                                  add_bias_kv=m.bias_k is not None, add_zero_attn=m.add_zero_attn, kdim=m.kdim,
-                                 vdim=m.vdim, batch_first=m.batch_first, device=w.device, dtype=w.dtype)
-    new.load_state_dict(m.state_dict())
-    new.train(m.training)
-    return new
+                                 vdim=m.vdim, batch_first=m.batch_first, device="meta")
+    return _take_over(new, m)
 
 
 def _adopting(cls):
@@ -59,8 +72,9 @@ _REPLACEMENTS = {
 def convert(model: torch.nn.Module) -> torch.nn.Module:
     """Replaces, in place, every `torch.nn.LSTM`, `LSTMCell`, `MultiheadAttention`, `TransformerEncoderLayer` and
     `TransformerDecoderLayer` inside `model` (and `model` itself) by
-    the fusedlayers equivalent with the same weights, and returns the model. Parameters are copied, so an
-    optimizer built before the conversion must be rebuilt."""
+    the fusedlayers equivalent, and returns the model. The new layers hold the very same parameter and buffer
+    objects (an optimizer built before the conversion keeps working; frozen parameters stay frozen), submodules
+    and hooks."""
     factory = _REPLACEMENTS.get(type(model))
     if factory is not None:
         return factory(model)

@@ -62,12 +62,17 @@ class InverseTransform(Transform):
         return self._transform(inputs, context)
 
 
+class ShapeError(ValueError, RuntimeError):
+    """Inputs or context of the wrong shape: a ValueError, and also the RuntimeError that nflows' layers raise
+    for them (from inside their matrix products), so code written against either keeps catching it."""
+
+
 def check_features(inputs: Tensor, features: int, name: str = "inputs") -> None:
     """A clear error for the wrong shape, and for NaN/inf, which would otherwise propagate silently."""
     if not isinstance(inputs, Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(inputs).__name__}")
     if inputs.dim() != 2 or inputs.shape[1] != features:
-        raise ValueError(f"{name} must have shape [batch, {features}], got {list(inputs.shape)}")
+        raise ShapeError(f"{name} must have shape [batch, {features}], got {list(inputs.shape)}")
     # A data-dependent check: skipped while torch.compile traces (it would break the graph). One sum finds any
     # NaN or inf (or an overflow, then the exact check decides) at a fraction of isfinite().all()'s cost.
     if (not torch.compiler.is_compiling() and inputs.numel() and not bool(torch.isfinite(inputs.sum()))
@@ -83,4 +88,4 @@ def check_context(context: Tensor | None, context_features: int | None, batch: i
     if context is None:
         raise ValueError(f"this transform needs a context of shape [batch, {context_features}]")
     if context.dim() != 2 or context.shape[1] != context_features or context.shape[0] != batch:
-        raise ValueError(f"context must have shape [{batch}, {context_features}], got {list(context.shape)}")
+        raise ShapeError(f"context must have shape [{batch}, {context_features}], got {list(context.shape)}")

@@ -71,6 +71,20 @@ def _as_batch_heads(t: Tensor, lead: tuple[int, ...], length: int, features: int
     return t.reshape(math.prod(lead[:-1]), lead[-1], length, features)  # not -1: ambiguous when t is empty
 
 
+def _torch_fused_path_takes(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor, dropout_p: float,
+                            enable_gqa: bool) -> bool:
+    """Whether torch's CPU dispatch would pick its fused (flash) kernel for these inputs (torch 2.13): 4-D,
+    no dropout, no mask gradient, unit stride in the last dim, nonzero head size, one batch size and (without
+    GQA) one head count."""
+    tensors = (query, key, value)
+    if (any(t.dim() != 4 or t.stride(-1) != 1 for t in tensors) or dropout_p > 0.0 or query.shape[-1] == 0
+            or attn_mask.requires_grad):
+        return False
+    if not query.shape[0] == key.shape[0] == value.shape[0]:
+        return False
+    return enable_gqa or query.shape[1] == key.shape[1] == value.shape[1]
+
+
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                                  enable_gqa: bool = False, *, window: tuple[int | None, int | None] | None = None
@@ -80,7 +94,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
     query (..., L, E), key (..., S, E), value (..., S, Ev), any number of leading dims broadcast as torch does.
     attn_mask: bool (True = may attend) or additive float, broadcastable to (..., L, S); given together
-    with is_causal, both apply (as in torch's fused CPU path). is_causal is aligned as torch aligns it (query i sees keys 0..i). enable_gqa: key/value may have
+    with is_causal, both apply where torch's fused CPU path takes them (else the same error as torch). is_causal is aligned as torch aligns it (query i sees keys 0..i). enable_gqa: key/value may have
     fewer heads (dim -3) than query, dividing them. dropout is drawn from torch's default generator.
 
     window=(left, right): an extra keyword: query i sees only keys i-left .. i+right (None = unbounded), as in
@@ -90,8 +104,14 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     gradients are zero.
     """
     _check_inputs(query, key, value, attn_mask, dropout_p)
-    # attn_mask together with is_causal: both apply (AND-ed), as torch's fused CPU path does for 4-D inputs (its
-    # math path, taken for other ranks, GQA or dropout, rejects the combination instead).
+    if not isinstance(is_causal, bool):  # torch's argument parser takes only a bool
+        raise TypeError(f"scaled_dot_product_attention(): argument 'is_causal' must be bool, not "
+                        f"{type(is_causal).__name__}")
+    # attn_mask together with is_causal: both apply (AND-ed), as torch's fused CPU path does; where torch would
+    # take its math path instead, which rejects the combination, so do we.
+    if attn_mask is not None and is_causal and not _torch_fused_path_takes(query, key, value, attn_mask, dropout_p,
+                                                                           enable_gqa):
+        raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
     left, right = _window_bounds(window)
     q_len, e = query.shape[-2], query.shape[-1]
     s_len, ev = key.shape[-2], value.shape[-1]

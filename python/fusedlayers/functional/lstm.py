@@ -47,6 +47,10 @@ def _split_params(params, has_biases: bool, num_layers: int, num_directions: int
 def lstm_packed(data: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor, params, has_biases: bool,
                 num_layers: int, dropout: float, train: bool, bidirectional: bool) -> tuple[Tensor, Tensor, Tensor]:
     """A stack of LSTM layers over packed rows; see `lstm`. Returns (output rows, h_n, c_n)."""
+    if data.dtype == torch.float16:  # the kernels' types are float32/64 and bfloat16: computed in float32
+        out, h_n, c_n = lstm_packed(data.float(), batch_sizes, h0.float(), c0.float(), [p.float() for p in params],
+                                    has_biases, num_layers, dropout, train, bidirectional)
+        return out.half(), h_n.half(), c_n.half()
     num_directions = 2 if bidirectional else 1
     groups = _split_params(params, has_biases, num_layers, num_directions)
     layer_input = data
@@ -88,6 +92,10 @@ def lstm(input: Tensor, hx: tuple[Tensor, Tensor], params, has_biases: bool, num
 def lstm_cell(input: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
               b_hh: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One fused LSTM step, as torch's `_VF.lstm_cell`: input [B, I], hx = (h [B, H], c [B, H]) -> (h', c')."""
+    if input.dtype == torch.float16:  # computed in float32, as lstm_packed does
+        h, c = lstm_cell(input.float(), (hx[0].float(), hx[1].float()), w_ih.float(), w_hh.float(),
+                         None if b_ih is None else b_ih.float(), None if b_hh is None else b_hh.float())
+        return h.half(), c.half()
     batch = input.shape[0]
     batch_sizes = torch.full((1,), batch, dtype=torch.int64)
     h, _, c = lstm_layer(input, batch_sizes, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)

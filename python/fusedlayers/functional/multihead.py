@@ -86,6 +86,11 @@ def multi_head_attention_forward(query: Tensor, key: Tensor, value: Tensor, embe
         if key.shape[:2] != value.shape[:2]:
             raise AssertionError(f"key's sequence and batch dims {key.shape[:2]} do not match value's "
                                  f"{value.shape[:2]}")
+        for name, weight, inputs in (("query", q_proj_weight, query), ("key", k_proj_weight, key),
+                                     ("value", v_proj_weight, value)):
+            if tuple(weight.shape) != (embed_dim, inputs.shape[-1]):  # torch's own check, type and wording
+                raise AssertionError(f"expecting {name} weights shape of {(embed_dim, inputs.shape[-1])}, but got "
+                                     f"{weight.shape}")
         b_q = b_k = b_v = None
         if in_proj_bias is not None:
             b_q, b_k, b_v = in_proj_bias.chunk(3)
@@ -138,7 +143,7 @@ def multi_head_attention_forward(query: Tensor, key: Tensor, value: Tensor, embe
 
     out = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
     out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
-    out = linear(out, out_proj_weight, out_proj_bias).view(tgt_len, bsz, -1)
+    out = linear(out, out_proj_weight, out_proj_bias).view(tgt_len, bsz, embed_dim)  # also when tgt_len or bsz is 0
     if not batched:
         out = out.squeeze(1)
     return out, None

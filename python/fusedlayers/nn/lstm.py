@@ -25,7 +25,7 @@ class LSTM(torch.nn.RNNBase):
     inputs (padded, batch_first, unbatched or PackedSequence) and outputs `(output, (h_n, c_n))`.
 
     Each layer and direction runs its whole time loop in one fused C++ kernel; a PackedSequence costs work in
-    proportion to the sum of its lengths. Dtypes: float32, float64, bfloat16.
+    proportion to the sum of its lengths. Dtypes: float32, float64, bfloat16 (and float16, computed in float32).
     """
 
     def __init__(self, *args, **kwargs):
@@ -77,6 +77,8 @@ class LSTM(torch.nn.RNNBase):
         batch_dim = 0 if self.batch_first else 1
         if not batched:
             input = input.unsqueeze(batch_dim)
+        if hx is not None and not isinstance(hx, Tensor) and len(hx) > 2:  # torch's check (fewer: IndexError)
+            raise RuntimeError("lstm expects two hidden states")
         if hx is None:
             hx = self._zero_state(input.size(batch_dim), input)
         else:
@@ -115,6 +117,10 @@ class LSTMCell(torch.nn.LSTMCell):
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
+            if isinstance(hx, Tensor):  # torch's types and messages for a state that is not a pair
+                raise TypeError("lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, not Tensor")
+            if len(hx) != 2:
+                raise RuntimeError("lstm_cell expects two hidden states")
             for k, state in enumerate(hx):
                 if state.dim() not in (1, 2):
                     raise ValueError(f"LSTMCell: Expected hx[{k}] to be 1D or 2D, got {state.dim()}D instead")

@@ -41,6 +41,8 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
 
     def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                 is_causal: bool = False) -> Tensor:
+        if src.is_nested:  # torch.nn.TransformerEncoder's inference fast path packs padded batches as nested
+            return super().forward(src, src_mask, src_key_padding_mask, is_causal)  # tensors: torch's kernel
         src_key_padding_mask = F._canonical_mask(mask=src_key_padding_mask, mask_name="src_key_padding_mask",
                                                  other_type=F._none_or_dtype(src_mask), other_name="src_mask",
                                                  target_type=src.dtype)

@@ -1,0 +1,94 @@
+"""Edge cases where a drop-in must behave as its reference does, found by an audit against torch and nflows:
+convert() keeping parameters and hooks, torch's nested-tensor encoder path, empty batches, exception types."""
+
+import pytest
+import torch
+
+import fusedlayers as fl
+from fusedlayers import flows
+
+
+def test_convert_keeps_parameter_objects_frozen_flags_and_hooks():
+    model = torch.nn.Sequential(torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2),
+                                torch.nn.MultiheadAttention(8, 2, kdim=6, vdim=5), torch.nn.LSTMCell(3, 4))
+    model[0].weight_ih_l0.requires_grad_(False)
+    model[1].out_proj.weight.requires_grad_(False)
+    calls = []
+    model[0].register_forward_hook(lambda *a: calls.append("hook"))
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    fl.convert(model)
+    assert [type(m) for m in model] == [fl.nn.LSTM, fl.nn.MultiheadAttention, fl.nn.LSTMCell]
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    assert not model[0].weight_ih_l0.requires_grad and not model[1].out_proj.weight.requires_grad
+    ref = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2)
+    ref.load_state_dict(model[0].state_dict())
+    x = torch.randn(5, 2, 3)
+    out = model[0](x)[0]
+    assert calls == ["hook"]
+    torch.testing.assert_close(out, ref(x)[0])
+    before = model[0].weight_hh_l0.detach().clone()
+    out.sum().backward()
+    optimizer.step()  # the optimizer built before the conversion still updates the layer
+    assert not torch.equal(model[0].weight_hh_l0, before)
+
+
+def test_encoder_nested_fast_path_with_padding_mask():
+    torch.manual_seed(0)
+    ours = fl.nn.TransformerEncoderLayer(8, 2, 16, 0.0, batch_first=True).eval()
+    ref = torch.nn.TransformerEncoderLayer(8, 2, 16, 0.0, batch_first=True).eval()
+    ref.load_state_dict(ours.state_dict())
+    padding = torch.tensor([[False, False, True], [False, False, False]])
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():  # torch.nn.TransformerEncoder hands the layers nested tensors here
+        got = torch.nn.TransformerEncoder(ours, 2, enable_nested_tensor=True)(x, src_key_padding_mask=padding)
+        want = torch.nn.TransformerEncoder(ref, 2, enable_nested_tensor=True)(x, src_key_padding_mask=padding)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("query_len,batch", [(3, 0), (0, 2)])
+def test_multihead_fused_path_with_empty_dims(query_len, batch):
+    torch.manual_seed(0)
+    ours, ref = fl.nn.MultiheadAttention(8, 2), torch.nn.MultiheadAttention(8, 2)
+    ref.load_state_dict(ours.state_dict())
+    q, kv = torch.randn(query_len, batch, 8), torch.randn(4, batch, 8)
+    got = ours(q, kv, kv, need_weights=False)
+    want = ref(q, kv, kv, need_weights=False)
+    assert got[0].shape == want[0].shape and got[1] is None
+    assert fl.nn.TransformerEncoderLayer(8, 2, 16)(torch.randn(3, 0, 8)).shape == (3, 0, 8)
+
+
+def test_multihead_separate_projections_wrong_key_size_is_an_assertion():
+    layer = fl.nn.MultiheadAttention(8, 2, kdim=6, vdim=6)
+    for need_weights in (False, True):
+        with pytest.raises(AssertionError, match="expecting key weights shape"):
+            layer(torch.randn(3, 2, 8), torch.randn(4, 2, 7), torch.randn(4, 2, 6), need_weights=need_weights)
+
+
+def test_lstm_states_that_are_not_a_pair():
+    x, h = torch.randn(2, 3), torch.randn(2, 4)
+    cell = fl.nn.LSTMCell(3, 4)
+    with pytest.raises(RuntimeError, match="two hidden states"):
+        cell(x, (h,))
+    with pytest.raises(RuntimeError, match="two hidden states"):
+        cell(x, (h, h, h))
+    with pytest.raises(TypeError, match="tuple of Tensors"):
+        cell(x, h)
+    with pytest.raises(RuntimeError, match="two hidden states"):
+        fl.nn.LSTM(3, 4)(torch.randn(5, 2, 3), (h[None], h[None], h[None]))
+
+
+def test_sdpa_is_causal_must_be_a_bool():
+    q = torch.randn(2, 3, 4)
+    with pytest.raises(TypeError, match="is_causal"):
+        fl.functional.scaled_dot_product_attention(q, q, q, is_causal=None)
+
+
+def test_flow_shape_errors_are_also_runtime_errors_as_in_nflows():
+    maf = flows.MaskedAffineAutoregressiveTransform(4, 8, context_features=3)
+    for call in (lambda: maf(torch.randn(5, 3), torch.randn(5, 3)),
+                 lambda: maf(torch.randn(5, 4), torch.randn(5, 2))):
+        with pytest.raises(RuntimeError):
+            call()
+        with pytest.raises(ValueError):
+            call()
