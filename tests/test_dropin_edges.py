@@ -92,3 +92,21 @@ def test_flow_shape_errors_are_also_runtime_errors_as_in_nflows():
             call()
         with pytest.raises(ValueError):
             call()
+
+
+@pytest.mark.parametrize("training,grad", [(False, False), (False, True), (True, False)])
+def test_encoder_causal_hint_without_mask_as_torch(training, grad):
+    """torch's inference fast path ignores is_causal without src_mask; its other path refuses the call."""
+    torch.manual_seed(0)
+    ours = fl.nn.TransformerEncoderLayer(8, 2, 16, 0.0, batch_first=True).train(training)
+    ref = torch.nn.TransformerEncoderLayer(8, 2, 16, 0.0, batch_first=True).train(training)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 8)
+    with torch.set_grad_enabled(grad):
+        try:
+            want = ref(x, is_causal=True)
+        except RuntimeError:
+            with pytest.raises(RuntimeError, match="is_causal"):
+                ours(x, is_causal=True)
+            return
+        torch.testing.assert_close(ours(x, is_causal=True), want)

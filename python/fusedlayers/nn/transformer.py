@@ -43,6 +43,8 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
                 is_causal: bool = False) -> Tensor:
         if src.is_nested:  # torch.nn.TransformerEncoder's inference fast path packs padded batches as nested
             return super().forward(src, src_mask, src_key_padding_mask, is_causal)  # tensors: torch's kernel
+        if is_causal and src_mask is None and self._torch_takes_fast_path(src):
+            is_causal = False  # torch's inference fast path ignores a causal hint that comes without its mask
         src_key_padding_mask = F._canonical_mask(mask=src_key_padding_mask, mask_name="src_key_padding_mask",
                                                  other_type=F._none_or_dtype(src_mask), other_name="src_mask",
                                                  target_type=src.dtype)
@@ -54,6 +56,23 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
             return x + self._ff_block(self.norm2(x))
         x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
         return self.norm2(x + self._ff_block(x))
+
+
+    def _torch_takes_fast_path(self, src: Tensor) -> bool:
+        """Whether torch.nn.TransformerEncoderLayer.forward (torch 2.13) would run its fused inference path here
+        (its why_not_sparsity_fast_path checks, for an input without src_mask)."""
+        attn = self.self_attn
+        tensors = (src, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
+                   self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias, self.linear1.weight,
+                   self.linear1.bias, self.linear2.weight, self.linear2.bias)
+        return (torch.backends.mha.get_fastpath_enabled() and src.dim() == 3 and not self.training
+                and attn.batch_first and attn.in_proj_bias is not None and attn._qkv_same_embed_dim
+                and bool(self.activation_relu_or_gelu) and self.norm1.eps == self.norm2.eps
+                and attn.num_heads % 2 == 0 and not torch.is_autocast_enabled()
+                and not any(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.modules())
+                and not torch.overrides.has_torch_function(tensors)
+                and all(t.device.type in ("cpu", "cuda", "xpu") for t in tensors)
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
 class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
