@@ -110,3 +110,23 @@ def test_encoder_causal_hint_without_mask_as_torch(training, grad):
                 ours(x, is_causal=True)
             return
         torch.testing.assert_close(ours(x, is_causal=True), want)
+
+
+def test_flow_counts_means_and_base_sampling_as_nflows():
+    from nflows.distributions import StandardNormal as TheirNormal
+    flow = flows.Flow(flows.ReversePermutation(3), flows.StandardNormal([3]))
+    for bad in (2.0, -1, True):
+        with pytest.raises(TypeError):  # nflows' type; also a ValueError, as before
+            flow.sample(bad)
+        with pytest.raises(ValueError):
+            flow.sample(bad)
+    with pytest.raises(flows.NoMeanException):
+        flow.mean()
+    ours, theirs = flows.StandardNormal([3]), TheirNormal([3])
+    assert ours.mean().dtype == theirs.mean().dtype and ours.mean().shape == theirs.mean().shape
+    context = torch.randn(2, 5)
+    assert ours.mean(context).shape == theirs.mean(context).shape
+    torch.manual_seed(0)
+    a = ours.sample(7, batch_size=3)
+    torch.manual_seed(0)
+    torch.testing.assert_close(a, theirs.sample(7, batch_size=3))

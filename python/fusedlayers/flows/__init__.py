@@ -5,7 +5,7 @@ from .autoregressive import IAF, MaskedAffineAutoregressiveTransform, from_nflow
 from .coupling import AffineCouplingTransform, alternating_mask, checkerboard_mask
 from .base import CompositeTransform, InputOutsideDomain, InverseNotAvailable, InverseTransform, Transform
 from .distributions import StandardNormal
-from .flow import Flow
+from .flow import Flow, NoMeanException
 from .made import MADE
 from .permutations import Permutation, RandomPermutation, ReversePermutation
 from .zuko_style import MAF, MAFDistribution
@@ -13,6 +13,6 @@ from .zuko_style import MAF, MAFDistribution
 __all__ = [
     "AffineCouplingTransform", "alternating_mask", "checkerboard_mask", "CompositeTransform", "Flow", "IAF",
     "InputOutsideDomain", "InverseNotAvailable", "InverseTransform", "MADE", "MAF", "MAFDistribution",
-    "MaskedAffineAutoregressiveTransform", "Permutation", "RandomPermutation", "ReversePermutation",
+    "MaskedAffineAutoregressiveTransform", "NoMeanException", "Permutation", "RandomPermutation", "ReversePermutation",
     "StandardNormal", "Transform", "from_nflows",
 ]

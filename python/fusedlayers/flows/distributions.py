@@ -8,6 +8,11 @@ import torch
 from torch import Tensor, nn
 
 
+def batch_sizes(num_samples: int, batch_size: int) -> list[int]:
+    """The sizes of the batches nflows draws num_samples in: full batches, then the rest (at least one batch)."""
+    return [min(batch_size, num_samples - start) for start in range(0, num_samples, batch_size)] or [0]
+
+
 class StandardNormal(nn.Module):
     """A standard normal over tensors of `shape`; the context is ignored."""
 
@@ -23,15 +28,23 @@ class StandardNormal(nn.Module):
                              f"got {list(inputs.shape)}")
         return -0.5 * inputs.pow(2).flatten(1).sum(dim=1) - self._log_z.to(inputs.dtype)
 
-    def sample(self, num_samples: int, context: Tensor | None = None) -> Tensor:
+    def sample(self, num_samples: int, context: Tensor | None = None, batch_size: int | None = None) -> Tensor:
+        """[num_samples, *shape], or [context rows, num_samples, *shape]. With `batch_size` (nflows' argument),
+        drawn that many at a time, as nflows draws them (the same values under the same seed)."""
+        if batch_size is not None:
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise TypeError(f"batch_size must be a positive int, got {batch_size!r}")
+            return torch.cat([self.sample(n, context) for n in batch_sizes(num_samples, batch_size)],
+                             dim=0 if context is None else 1)
         if context is None:
             return torch.randn(num_samples, *self._shape, device=self._log_z.device)
         return torch.randn(context.shape[0], num_samples, *self._shape, device=context.device)
 
     def mean(self, context: Tensor | None = None) -> Tensor:
-        """Zeros of `shape`; [context rows, *shape] with a context."""
-        rows = () if context is None else (context.shape[0],)
-        return self._log_z.new_zeros(*rows, *self._shape, dtype=torch.get_default_dtype())
+        """Zeros of `shape` (float64, as nflows gives them); [context rows, *shape] in the context's dtype."""
+        if context is None:
+            return self._log_z.new_zeros(self._shape)
+        return context.new_zeros(context.shape[0], *self._shape)
 
     def sample_and_log_prob(self, num_samples: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         samples = self.sample(num_samples, context)
