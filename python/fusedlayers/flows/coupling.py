@@ -33,11 +33,24 @@ def checkerboard_mask(height: int, width: int, even: bool = True) -> Tensor:
     return (((rows + cols) % 2 == 0) == even).long().flatten()
 
 
+def _on_gemm_engine(net: nn.Module) -> nn.Module:
+    """The conditioner's plain torch.nn.Linear layers become fusedlayers.nn.Linear (a subclass: same
+    parameters, state_dict and results to rounding), whose products run on the GEMM engine: at the sizes of a
+    coupling layer torch's linear reaches about 40% of the FMA peak, ours about 85%. Other modules are left alone."""
+    from ..nn.linear import Linear  # the package's nn imports its flows-free modules only: no cycle at import
+
+    for module in net.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = Linear
+    return net
+
+
 class AffineCouplingTransform(Transform):
     """Drop-in for `nflows.transforms.AffineCouplingTransform(mask, transform_net_create_fn,
     unconditional_transform=None)`: transform_net_create_fn(in_features, out_features) builds the conditioner,
     called as net(identity_features, context); it returns shift (first half) and unconstrained scale
-    (second half); scale = sigmoid(unconstrained + 2) + 1e-3."""
+    (second half); scale = sigmoid(unconstrained + 2) + 1e-3. The conditioner's torch.nn.Linear layers are
+    switched to fusedlayers.nn.Linear (same parameters, on the GEMM engine)."""
 
     def __init__(self, mask, transform_net_create_fn: Callable[[int, int], nn.Module],
                  unconditional_transform: Callable | None = None):
@@ -51,7 +64,8 @@ class AffineCouplingTransform(Transform):
         index = torch.arange(self.features)
         self.register_buffer("identity_features", index.masked_select(mask <= 0))
         self.register_buffer("transform_features", index.masked_select(mask > 0))
-        self.transform_net = transform_net_create_fn(self.num_identity_features, self.num_transform_features * 2)
+        self.transform_net = _on_gemm_engine(
+            transform_net_create_fn(self.num_identity_features, self.num_transform_features * 2))
         self.unconditional_transform = (None if unconditional_transform is None
                                         else unconditional_transform(features=self.num_identity_features))
 
@@ -75,8 +89,9 @@ class AffineCouplingTransform(Transform):
 
     def _couple(self, inputs: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         self._check(inputs)
-        identity = inputs[:, self.identity_features, ...]
-        moving = inputs[:, self.transform_features, ...]
+        # index_select along dim 1: several times faster than advanced indexing (and index_put) here
+        identity = inputs.index_select(1, self.identity_features)
+        moving = inputs.index_select(1, self.transform_features)
         logabsdet = inputs.new_zeros(inputs.shape[0])
         if self.unconditional_transform is not None and inverse:
             identity, logabsdet = self.unconditional_transform.inverse(identity, context)
@@ -92,10 +107,18 @@ class AffineCouplingTransform(Transform):
         if not inverse and self.unconditional_transform is not None:
             identity, extra = self.unconditional_transform(identity, context)
             logabsdet = logabsdet + extra
-        outputs = torch.empty_like(inputs)
-        outputs[:, self.identity_features, ...] = identity
-        outputs[:, self.transform_features, ...] = moving
-        return outputs, logabsdet
+        return torch.cat([identity, moving], dim=1).index_select(1, self._feature_positions()), logabsdet
+
+    def _feature_positions(self) -> Tensor:
+        """Where each feature sits in cat([identity, transform]), so that outputs are put back in one gather;
+        kept while the two index buffers are the same tensors, unchanged."""
+        key = (self.identity_features, self.identity_features._version, self.transform_features,
+               self.transform_features._version)
+        cached = self.__dict__.get("_positions")
+        if cached is None or any(a is not b if isinstance(a, Tensor) else a != b for a, b in zip(cached[0], key)):
+            cached = (key, torch.argsort(torch.cat([self.identity_features, self.transform_features])))
+            self.__dict__["_positions"] = cached
+        return cached[1]
 
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._couple(inputs, context, inverse=False)
