@@ -23,14 +23,15 @@ namespace fl::FL_ISA {
 
 namespace {
 
-// Samples per slab: enough that a narrow network's products are not dominated by call overhead, few enough that
-// a slab's activations stay in L2 and every thread gets slabs.
+// Samples per slab: the GEMM engine's row tile (64) at least, so a slab costs no extra product calls, and at
+// most about 16 KiB of a layer's activations, so the elementwise passes between products run in L1 (measured:
+// 64 rows at hidden 64 is 5% faster than 512; 32 rows is 15% slower).
 template <typename Layer>
 int64_t slab_rows(const Layer* layers, int64_t num_layers, int64_t batch) {
   int64_t widest = 1;
   for (int64_t l = 0; l < num_layers; ++l) widest = std::max({widest, layers[l].in_units, layers[l].out_units});
   const int64_t per_thread = (batch + num_threads() - 1) / num_threads();
-  const int64_t rows = std::clamp<int64_t>(32768 / widest, 64, 512);
+  const int64_t rows = std::clamp<int64_t>(4096 / widest, 64, 512);
   return std::max<int64_t>(16, std::min(rows, (per_thread + 15) / 16 * 16));
 }
 constexpr int64_t kColumnBlock = 32;
