@@ -34,6 +34,12 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
 void gemm_parallel(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
                    int64_t ldb, double* C, int64_t ldc, bool accumulate);
 
+// C = A B + bias (bias[N] added to every row; C's prior contents ignored), multi-threaded like gemm_parallel.
+void gemm_parallel_bias(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                        const float* bias, float* C, int64_t ldc);
+void gemm_parallel_bias(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
+                        int64_t ldb, const double* bias, double* C, int64_t ldc);
+
 // "brgemm" or "portable": which backend fp32 products use.
 const char* gemm_backend();
 

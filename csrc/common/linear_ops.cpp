@@ -33,12 +33,10 @@ void check_linear(const Tensor& input, const Tensor& weight, const std::optional
 
 template <typename T>
 void linear_impl(const T* x, const T* w_t, int64_t ld_w, const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
-  if (bias != nullptr) {
-    parallel_for(M, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) std::copy(bias, bias + N, y + r * N);
-    });
-  }
-  gemm_parallel(M, N, K, x, K, w_t, ld_w, y, N, bias != nullptr);
+  if (bias != nullptr)
+    gemm_parallel_bias(M, N, K, x, K, w_t, ld_w, bias, y, N);
+  else
+    gemm_parallel(M, N, K, x, K, w_t, ld_w, y, N, false);
 }
 
 Tensor linear_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias) {
