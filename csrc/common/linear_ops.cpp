@@ -3,6 +3,7 @@
 // skip the transposition. Used for the projections of the attention layers.
 #include "common/derived_cache.h"
 #include "common/gemm.h"
+#include "common/transpose_dispatch.h"
 #include "common/parallel.h"
 
 #include <ATen/ATen.h>
@@ -85,7 +86,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_out, c
     constexpr int64_t kCols = 64;
     parallel_for((N + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
       const int64_t c0 = begin * kCols, c1 = std::min(N, end * kCols);
-      transpose_copy(M, c1 - c0, g.data_ptr<T>() + c0, N, g_t.data_ptr<T>() + c0 * ld, ld);
+      FL_DISPATCH_ISA(transposed_copy, M, c1 - c0, g.data_ptr<T>() + c0, N, g_t.data_ptr<T>() + c0 * ld, ld);
     });
     gemm_parallel(N, K, M, g_t.data_ptr<T>(), ld, x.data_ptr<T>(), K, grad_weight.data_ptr<T>(), K, false);
     if (bias_grad) {

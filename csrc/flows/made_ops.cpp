@@ -4,6 +4,7 @@
 #include "flows/made_kernel.h"
 
 #include "common/derived_cache.h"
+#include "common/transpose_dispatch.h"
 #include "common/gemm.h"
 #include "common/parallel.h"
 
@@ -288,7 +289,7 @@ MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorLis
         scalar_t* dst = t.data_ptr<scalar_t>();
         parallel_for((out + 31) / 32, std::max<int64_t>(1, 512 / std::max<int64_t>(in, 1)), [&](int64_t b0, int64_t b1) {
           const int64_t r0 = b0 * 32, r1 = std::min(out, b1 * 32);  // a band of rows of the sorted weight
-          transpose_copy(r1 - r0, in, src + r0 * in, in, dst + r0, out);
+          FL_DISPATCH_ISA(transposed_copy, r1 - r0, in, src + r0 * in, in, dst + r0, out);
         });
       });
       return t;

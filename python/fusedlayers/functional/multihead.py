@@ -18,13 +18,12 @@ def _in_projection_packed(q: Tensor, k: Tensor, v: Tensor, w: Tensor, b: Tensor 
     """q, k, v projections by one packed [3E, E] weight, sharing one GEMM where the inputs are the same tensor."""
     e = q.size(-1)
     if k is v:
-        if q is k:  # self-attention: one product, split into views
-            proj = linear(q, w, b)
-            return proj[..., :e], proj[..., e:2 * e], proj[..., 2 * e:]
+        if q is k:  # self-attention: one product, split into views (split: its backward is one concatenation,
+            return tuple(linear(q, w, b).split(e, dim=-1))  # where three slices each zero-fill a full gradient)
         w_q, w_kv = w.split([e, 2 * e])
         b_q, b_kv = (None, None) if b is None else b.split([e, 2 * e])
-        kv = linear(k, w_kv, b_kv)
-        return linear(q, w_q, b_q), kv[..., :e], kv[..., e:]
+        k_proj, v_proj = linear(k, w_kv, b_kv).split(e, dim=-1)
+        return linear(q, w_q, b_q), k_proj, v_proj
     w_q, w_k, w_v = w.chunk(3)
     b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
     return linear(q, w_q, b_q), linear(k, w_k, b_k), linear(v, w_v, b_v)
