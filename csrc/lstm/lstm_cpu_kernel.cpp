@@ -51,14 +51,23 @@ struct GateColumns {
 };
 
 // A gradient computed transposed and in gate-column order, back to torch's layout: dst[r * K + k] = src[k * R + perm[r]].
+// Groups of 8 rows whose source columns are consecutive (all of them when H is a multiple of 8) move as one
+// transposed copy; other rows element by element.
 template <typename T>
 void unpack_transposed(int64_t R, int64_t K, const T* src, const std::vector<int64_t>& perm, T* dst) {
-  constexpr int64_t kTile = 16;
-  parallel_for((R + kTile - 1) / kTile, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = begin * kTile; r0 < std::min(R, end * kTile); r0 += kTile)
-      for (int64_t k0 = 0; k0 < K; k0 += kTile)
-        for (int64_t r = r0; r < std::min(R, r0 + kTile); ++r)
-          for (int64_t k = k0; k < std::min(K, k0 + kTile); ++k) dst[r * K + k] = src[k * R + perm[r]];
+  constexpr int64_t kGroup = 8;
+  parallel_for((R + kGroup - 1) / kGroup, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = begin * kGroup; r0 < std::min(R, end * kGroup); r0 += kGroup) {
+      const int64_t r1 = std::min(R, r0 + kGroup);
+      bool consecutive = r1 - r0 == kGroup;
+      for (int64_t r = r0 + 1; r < r1 && consecutive; ++r) consecutive = perm[r] == perm[r0] + (r - r0);
+      if (consecutive) {
+        fast_transpose(K, kGroup, src + perm[r0], R, dst + r0 * K, K);
+        continue;
+      }
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t k = 0; k < K; ++k) dst[r * K + k] = src[k * R + perm[r]];
+    }
   });
 }
 
