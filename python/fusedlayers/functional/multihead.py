@@ -131,7 +131,12 @@ def multi_head_attention_forward(query: Tensor, key: Tensor, value: Tensor, embe
             key_padding_mask = F.pad(key_padding_mask, (0, 1))
     src_len = k.shape[2]
     if key_padding_mask is not None:
-        F._check_key_padding_mask(key_padding_mask, src_len, bsz)
+        # torch's F._check_key_padding_mask, as plain raises: its torch._check_with message closures stop
+        # torch.compile(fullgraph=True) here
+        for dim, want in ((0, bsz), (1, src_len)):
+            if key_padding_mask.shape[dim] != want:
+                raise AssertionError(f"Expected key_padded_mask.shape[{dim}] to be {want}, but got "
+                                     f"{key_padding_mask.shape[dim]}")
         padding = key_padding_mask.view(bsz, 1, 1, src_len)
         attn_mask = padding if attn_mask is None else attn_mask.view(-1, num_heads if attn_mask.shape[0] != 1 else 1,
                                                                       tgt_len, src_len) + padding
