@@ -3,7 +3,6 @@ TransformerDecoderLayer, TransformerEncoder and Transformer (`torch.testing._int
 torch's module against a deep copy of it passed through `fusedlayers.convert` (same weights), outputs and
 gradients. In training mode every dropout is set to 0 in both (our attention dropout draws its own mask)."""
 
-
 import copy
 
 import pytest
