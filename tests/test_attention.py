@@ -1084,3 +1084,17 @@ def test_hypothesis_against_torch(B, Hk, group, L, S, E, Ev, causal, mask_kind, 
     ref_kw = dict(enable_gqa=group > 1, scale=kw["scale"])
     compare(q, k, v, mask, mask_grad="grad" in mask_kind, ref_kw=ref_kw,
             ref_mask=lambda m: combine(m, structural), **kw)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_scores_growing_along_the_keys(dtype):
+    # Later key tiles score far above a row's first tiles (by more than the kernel's one-pass shift slack), so
+    # the forward must re-shift those tiles (without, exp overflows); values and gradients as torch's.
+    L, S, E = 5, 600, 8
+    q = torch.ones(1, 2, L, E, dtype=dtype)
+    reach = 40 if dtype == F64 else 6  # float32: scores of +-17, still past the slack, without fp32 cancellation
+    k = (torch.linspace(-reach, reach, S, dtype=dtype)[:, None] * torch.ones(S, E, dtype=dtype)).expand(1, 2, S, E)
+    k = k + 0.01 * randn(1, 2, S, E, seed=3, dtype=dtype)
+    v = randn(1, 2, S, E, seed=4, dtype=dtype)
+    compare(q, k.contiguous(), v, tol=TOL[dtype] if dtype == F64 else dict(atol=1e-4, rtol=1e-4))
+    compare(q, k.flip(-2).contiguous(), v)  # and falling: the first tile holds the maximum

@@ -31,6 +31,9 @@ using at::vec::Vectorized;
 
 constexpr int64_t kQueryTile = 64;
 constexpr int64_t kKeyTile = 128;
+// How far a key tile's scores may exceed a row's running maximum and still be exponentiated relative to it:
+// exp(16) * S stays far from float overflow, and the sum keeps full relative precision.
+constexpr float kShiftSlack = 16;
 // Up to this many queries per head the forward takes the decoding path (GEMV-like, memory bound).
 constexpr int64_t kDecodeMaxQueries = 8;
 constexpr int64_t kDecodeBlock = 64;
@@ -134,6 +137,31 @@ T exp_shifted(T* row, int64_t n, T shift) {
     row[c] = std::exp(row[c] - shift);
     sum += row[c];
   }
+  return sum;
+}
+
+// row[c] = exp(row[c] - shift) in one pass that also finds the row's maximum before the shift (returned in
+// row_max_out); returns the sum. The caller checks the maximum: shift must not be far below it.
+template <typename T>
+T exp_shifted_with_max(T* row, int64_t n, T shift, T& row_max_out) {
+  using V = Vectorized<T>;
+  V acc(T(0)), best(neg_inf<T>());
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) {
+    const V x = V::loadu(row + c);
+    best = at::vec::maximum(best, x);
+    const V e = exp_(x - V(shift));
+    e.store(row + c);
+    acc = acc + e;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](V& x, V& y) { return x + y; }, acc);
+  T top = at::vec::vec_reduce_all<T>([](V& x, V& y) { return at::vec::maximum(x, y); }, best);
+  for (; c < n; ++c) {
+    top = std::max(top, row[c]);
+    row[c] = std::exp(row[c] - shift);
+    sum += row[c];
+  }
+  row_max_out = top;
   return sum;
 }
 
@@ -310,6 +338,21 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
         finish_scores(scores.data(), kKeyTile, rows, cols, i0, j0, hd.batch, hd.q_head, s, m, T(1));
         for (int64_t r = 0; r < rows; ++r) {
           T* p = scores.data() + r * kKeyTile;
+          if (row_max_v[r] != neg_inf<T>()) {
+            // After a row's first live tile: exponentials relative to its running maximum in one pass (no
+            // separate max pass, no rescaling). Softmax does not depend on the shift; only overflow does, so
+            // a tile whose maximum exceeds the shift by more than kShiftSlack is recomputed the two-pass way.
+            T tile_max;
+            const T sum = exp_shifted_with_max(p, cols, row_max_v[r], tile_max);
+            if (!(tile_max > row_max_v[r] + kShiftSlack)) {
+              row_sum[r] += sum;
+              if (dropout)
+                apply_dropout(p, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
+              continue;
+            }
+            gemm(1, cols, E, q_scaled.data() + r * E, E, k_t + j0, ld_kt, p, kKeyTile, false);
+            finish_scores(p, kKeyTile, 1, cols, i0 + r, j0, hd.batch, hd.q_head, s, m, T(1));
+          }
           const T new_max = std::max(row_max_v[r], row_max(p, cols));
           if (new_max == neg_inf<T>()) {  // nothing attended yet: the row stays empty
             std::fill(p, p + cols, T(0));
