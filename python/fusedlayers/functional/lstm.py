@@ -25,7 +25,12 @@ def lstm_layer(input: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor, w_ih:
     each sequence's state after its own last step.
     """
     train = _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    output, h_n, c_n, *_ = _layer_op(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, train)
+    args = (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, train)
+    if train or torch.compiler.is_compiling():
+        output, h_n, c_n, *_ = _layer_op(*args)
+    else:  # nothing to differentiate: past the autograd wrapper's Python layer (a few us of a small step)
+        with torch._C._AutoDispatchBelowAutograd():
+            output, h_n, c_n, *_ = _layer_op(*args)
     return output, h_n, c_n
 
 
@@ -89,6 +94,18 @@ def lstm(input: Tensor, hx: tuple[Tensor, Tensor], params, has_biases: bool, num
     return out, h_n, c_n
 
 
+_ONE_STEP: dict[int, Tensor] = {}
+
+
+def _one_step(batch: int) -> Tensor:
+    """batch_sizes of a one-step sequence, made once per batch size (the op only reads it)."""
+    if torch.compiler.is_compiling():
+        return torch.full((1,), batch, dtype=torch.int64)
+    if batch not in _ONE_STEP:
+        _ONE_STEP[batch] = torch.full((1,), batch, dtype=torch.int64)
+    return _ONE_STEP[batch]
+
+
 def lstm_cell(input: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
               b_hh: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One fused LSTM step, as torch's `_VF.lstm_cell`: input [B, I], hx = (h [B, H], c [B, H]) -> (h', c')."""
@@ -96,7 +113,6 @@ def lstm_cell(input: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tens
         h, c = lstm_cell(input.float(), (hx[0].float(), hx[1].float()), w_ih.float(), w_hh.float(),
                          None if b_ih is None else b_ih.float(), None if b_hh is None else b_hh.float())
         return h.half(), c.half()
-    batch = input.shape[0]
-    batch_sizes = torch.full((1,), batch, dtype=torch.int64)
+    batch_sizes = _one_step(input.shape[0])
     h, _, c = lstm_layer(input, batch_sizes, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)
     return h, c
