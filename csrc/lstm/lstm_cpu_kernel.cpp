@@ -27,6 +27,8 @@ using at::vec::Vectorized;
 constexpr int64_t kUnitBlock = 32;
 // Below this many FLOPs a parallel phase runs on one thread: waking the other costs more than it saves.
 constexpr int64_t kMinFlopsPerThread = 1 << 19;
+// A forward step of fewer FLOPs than this runs on one thread: the barrier between steps costs more than it saves.
+constexpr int64_t kMinTeamStepFlops = 1 << 16;
 // Rows of input projection computed ahead of the recurrence: large enough for an efficient GEMM, small enough
 // for its output to stay in L2/L3 until the steps consume it.
 constexpr int64_t kChunkRows = 512;
@@ -153,8 +155,7 @@ int64_t padded_stride(int64_t n) {
 
 // With fewer blocks of hidden units than threads (small H), rows are split too, so every thread has work:
 // how many row chunks each block's rows are cut into for `rows` rows.
-int64_t row_chunks_for(int64_t blocks, int64_t rows) {
-  const int64_t threads = num_threads();
+int64_t row_chunks_for(int64_t blocks, int64_t rows, int64_t threads = num_threads()) {
   if (blocks >= threads) return 1;
   return std::max<int64_t>(1, std::min((threads + blocks - 1) / blocks, rows / 8));
 }
@@ -222,17 +223,16 @@ struct StepTable {
   }
 };
 
-// Projection h = r W_hr^T for the n rows of one step, shared among threads by column tiles.
+// Projection h = r W_hr^T for the n rows of one step: this team member's share of the column tiles.
 template <typename T>
-void project_rows(int64_t n, int64_t H, int64_t P, const T* raw, const T* w_hr_t, T* out) {
+void project_rows(int64_t n, int64_t H, int64_t P, const T* raw, const T* w_hr_t, T* out, int rank, int size) {
   constexpr int64_t kTile = 64;
-  const int64_t tiles = (P + kTile - 1) / kTile;
-  parallel_for(tiles, grain_for(tiles, 2 * n * kTile * H), [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t p0 = tile * kTile, width = std::min(kTile, P - p0);
-      gemm(n, width, H, raw, H, w_hr_t + p0, P, out + p0, P, false);
-    }
-  });
+  int64_t tile0, tile1;
+  split_range((P + kTile - 1) / kTile, size, rank, tile0, tile1);
+  for (int64_t tile = tile0; tile < tile1; ++tile) {
+    const int64_t p0 = tile * kTile, width = std::min(kTile, P - p0);
+    gemm(n, width, H, raw, H, w_hr_t + p0, P, out + p0, P, false);
+  }
 }
 
 template <typename T>
@@ -270,22 +270,23 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
   const int64_t chunk_rows_max = std::min(s.rows, chunk_steps * s.batch);
   S* chunk_scratch = a.gates == nullptr ? workspace<S>(WorkspaceSlot::gates, chunk_rows_max * LG) : nullptr;
   S* raw_scratch = s.has_proj && a.raw_hidden == nullptr ? workspace<S>(WorkspaceSlot::raw, s.batch * H) : nullptr;
-
-  T* hidden_state = workspace<T>(WorkspaceSlot::state_h, s.batch * P);  // h_{t-1}: the GEMM's left operand
-  std::memcpy(hidden_state, a.h0, sizeof(T) * s.batch * P);
   S* cell_state = workspace<S>(WorkspaceSlot::state_c, s.batch * H);  // updated in place
   for (int64_t k = 0; k < s.batch * H; ++k) cell_state[k] = S(a.c0[k]);
 
-  for (int64_t chunk0 = 0; chunk0 < s.steps; chunk0 += chunk_steps) {
-    const int64_t chunk1 = std::min(s.steps, chunk0 + chunk_steps);
-    // The time steps of this chunk form one contiguous range of rows, in either direction.
-    const int64_t t_lo = s.reverse ? s.steps - chunk1 : chunk0, t_hi = s.reverse ? s.steps - chunk0 : chunk1;
-    const int64_t row_lo = steps.offset[t_lo], chunk_rows = steps.offset[t_hi] - row_lo;
-    S* gates_chunk = a.gates != nullptr ? a.gates + row_lo * LG : chunk_scratch;
-    const int64_t proj_chunks = row_chunks_for(blocks, chunk_rows);
-    parallel_for(blocks * proj_chunks, grain_for(blocks, 2 * (chunk_rows / proj_chunks) * 4 * kUnitBlock * I),
-                 [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
+  // One parallel region for the whole loop: the team shares each step's blocks of units and meets at a barrier
+  // between steps (a region per step would cost microseconds of every small step).
+  const int64_t team = 2 * s.batch * G4 * P >= kMinTeamStepFlops ? num_threads() : 1;
+  parallel_team(team, [&](int rank, int size, TeamBarrier& barrier) {
+    for (int64_t chunk0 = 0; chunk0 < s.steps; chunk0 += chunk_steps) {
+      const int64_t chunk1 = std::min(s.steps, chunk0 + chunk_steps);
+      // The time steps of this chunk form one contiguous range of rows, in either direction.
+      const int64_t t_lo = s.reverse ? s.steps - chunk1 : chunk0, t_hi = s.reverse ? s.steps - chunk0 : chunk1;
+      const int64_t row_lo = steps.offset[t_lo], chunk_rows = steps.offset[t_hi] - row_lo;
+      S* gates_chunk = a.gates != nullptr ? a.gates + row_lo * LG : chunk_scratch;
+      const int64_t proj_chunks = row_chunks_for(blocks, chunk_rows, size);
+      int64_t item0, item1;
+      split_range(blocks * proj_chunks, size, rank, item0, item1);
+      for (int64_t item = item0; item < item1; ++item) {
         const int64_t block = item % blocks, base = columns.base(block), width = columns.width(block);
         int64_t r0, r1;
         split_range(chunk_rows, proj_chunks, item / blocks, r0, r1);
@@ -295,49 +296,56 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
         panel_gemm(r1 - r0, 4 * width, I, a.input + (row_lo + r0) * I, I, w_ih_t + base * rows_i,
                    gates_chunk + r0 * LG + base, LG, s.has_bias);
       }
-    });
+      barrier.wait(size);
 
-    for (int64_t step = chunk0; step < chunk1; ++step) {
-      const int64_t t = s.reverse ? s.steps - 1 - step : step;
-      const int64_t n = steps.batch[t], row0 = steps.offset[t];
-      if (step > 0) {  // rows that ran in the previous step take its output; others keep h0
-        const int64_t tp = s.reverse ? t + 1 : t - 1;
-        const int64_t m = std::min(n, steps.batch[tp]);
-        std::memcpy(hidden_state, a.output + steps.offset[tp] * P, sizeof(T) * m * P);
-      }
-      S* gates_t = gates_chunk + (row0 - row_lo) * LG;
-      S* cells_t = a.cells != nullptr ? a.cells + row0 * H : nullptr;
-      const int64_t step_chunks = row_chunks_for(blocks, n);
-      parallel_for(blocks * step_chunks, grain_for(blocks, 2 * (n / step_chunks) * 4 * kUnitBlock * P),
-                   [&](int64_t begin, int64_t end) {
-        for (int64_t item = begin; item < end; ++item) {
+      for (int64_t step = chunk0; step < chunk1; ++step) {
+        const int64_t t = s.reverse ? s.steps - 1 - step : step;
+        const int64_t n = steps.batch[t], row0 = steps.offset[t];
+        // h_{t-1}: rows that ran the previous step read its output; rows that start here (the reverse
+        // direction of a packed batch) read h0.
+        const T* h_prev = a.h0;
+        int64_t ran_before = 0;
+        if (step > 0) {
+          const int64_t tp = s.reverse ? t + 1 : t - 1;
+          h_prev = a.output + steps.offset[tp] * P;
+          ran_before = std::min(n, steps.batch[tp]);
+        }
+        S* gates_t = gates_chunk + (row0 - row_lo) * LG;
+        S* cells_t = a.cells != nullptr ? a.cells + row0 * H : nullptr;
+        S* raw_t = s.has_proj ? (a.raw_hidden != nullptr ? a.raw_hidden + row0 * H : raw_scratch) : nullptr;
+        const int64_t step_chunks = row_chunks_for(blocks, n, size);
+        split_range(blocks * step_chunks, size, rank, item0, item1);
+        for (int64_t item = item0; item < item1; ++item) {
           const int64_t block = item % blocks;
           const int64_t base = columns.base(block), width = columns.width(block), unit0 = block * kUnitBlock;
           int64_t b0, b1;
           split_range(n, step_chunks, item / blocks, b0, b1);
-          panel_gemm(b1 - b0, 4 * width, P, hidden_state + b0 * P, P, w_hh_t + base * rows_p,
-                     gates_t + b0 * LG + base, LG, true);
+          const int64_t split = std::clamp(ran_before, b0, b1);
+          if (split > b0)
+            panel_gemm(split - b0, 4 * width, P, h_prev + b0 * P, P, w_hh_t + base * rows_p,
+                       gates_t + b0 * LG + base, LG, true);
+          if (b1 > split)
+            panel_gemm(b1 - split, 4 * width, P, a.h0 + split * P, P, w_hh_t + base * rows_p,
+                       gates_t + split * LG + base, LG, true);
           for (int64_t b = b0; b < b1; ++b) {
             S* cell_out = cells_t != nullptr ? cells_t + b * H + unit0 : nullptr;
-            if constexpr (std::is_same_v<S, T>) {
-              T* raw_t = s.has_proj ? (a.raw_hidden != nullptr ? a.raw_hidden + row0 * H : raw_scratch) : nullptr;
-              T* hidden_t = s.has_proj ? raw_t + b * H : a.output + (row0 + b) * P;
-              block_forward(gates_t + b * LG + base, width, cell_state + b * H + unit0, cell_out, hidden_t + unit0);
-            } else {  // no projection in reduced precision (the op layer computes those in float)
-              block_forward(gates_t + b * LG + base, width, cell_state + b * H + unit0, cell_out,
-                            a.output + (row0 + b) * P + unit0);
-            }
+            S* state = cell_state + b * H + unit0;
+            if (s.has_proj)
+              block_forward(gates_t + b * LG + base, width, state, cell_out, raw_t + b * H + unit0);
+            else
+              block_forward(gates_t + b * LG + base, width, state, cell_out, a.output + (row0 + b) * P + unit0);
           }
         }
-      });
-      if constexpr (std::is_same_v<S, T>) {
-        if (s.has_proj) {
-          T* raw_t = a.raw_hidden != nullptr ? a.raw_hidden + row0 * H : raw_scratch;
-          project_rows(n, H, P, raw_t, w_hr_t, a.output + row0 * P);
+        if constexpr (std::is_same_v<S, T>) {  // (no projection in reduced precision: the op layer runs
+          if (s.has_proj) {                      // those in float) the projection needs every unit of the step
+            barrier.wait(size);
+            project_rows(n, H, P, raw_t, w_hr_t, a.output + row0 * P, rank, size);
+          }
         }
+        barrier.wait(size);
       }
     }
-  }
+  });
 
   for (int64_t k = 0; k < s.batch * H; ++k) a.c_n[k] = static_cast<T>(cell_state[k]);
   // h_n: each sequence's output at the last step it ran (step 0 for the reverse direction).

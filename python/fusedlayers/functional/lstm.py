@@ -58,6 +58,9 @@ def lstm_packed(data: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor, param
         return out.half(), h_n.half(), c_n.half()
     num_directions = 2 if bidirectional else 1
     groups = _split_params(params, has_biases, num_layers, num_directions)
+    if len(groups) == 1:  # one layer, one direction: no list, no stack (a few us of a small call)
+        out, h_n, c_n = lstm_layer(data, batch_sizes, h0[0], c0[0], *groups[0])
+        return out, h_n.unsqueeze(0), c_n.unsqueeze(0)
     layer_input = data
     h_last, c_last = [], []
     for layer in range(num_layers):
@@ -84,7 +87,7 @@ def lstm(input: Tensor, hx: tuple[Tensor, Tensor], params, has_biases: bool, num
     if batch_first:
         input = input.transpose(0, 1)
     steps, batch = input.shape[0], input.shape[1]
-    batch_sizes = torch.full((steps,), batch, dtype=torch.int64)
+    batch_sizes = _constant_batch_sizes(steps, batch)
     rows = input.contiguous().view(steps * batch, input.shape[2])
     out, h_n, c_n = lstm_packed(rows, batch_sizes, hx[0], hx[1], params, has_biases, num_layers, dropout, train,
                                 bidirectional)
@@ -94,16 +97,20 @@ def lstm(input: Tensor, hx: tuple[Tensor, Tensor], params, has_biases: bool, num
     return out, h_n, c_n
 
 
-_ONE_STEP: dict[int, Tensor] = {}
+_BATCH_SIZES: dict[tuple[int, int], Tensor] = {}
 
 
-def _one_step(batch: int) -> Tensor:
-    """batch_sizes of a one-step sequence, made once per batch size (the op only reads it)."""
+def _constant_batch_sizes(steps: int, batch: int) -> Tensor:
+    """batch_sizes of a padded sequence, made once per shape (the op only reads it)."""
     if torch.compiler.is_compiling():
-        return torch.full((1,), batch, dtype=torch.int64)
-    if batch not in _ONE_STEP:
-        _ONE_STEP[batch] = torch.full((1,), batch, dtype=torch.int64)
-    return _ONE_STEP[batch]
+        return torch.full((steps,), batch, dtype=torch.int64)
+    key = (steps, batch)
+    sizes = _BATCH_SIZES.get(key)
+    if sizes is None:
+        if len(_BATCH_SIZES) >= 256:  # many shapes (varying sequence lengths): keep the memo small
+            _BATCH_SIZES.clear()
+        sizes = _BATCH_SIZES[key] = torch.full((steps,), batch, dtype=torch.int64)
+    return sizes
 
 
 def lstm_cell(input: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
@@ -113,6 +120,6 @@ def lstm_cell(input: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tens
         h, c = lstm_cell(input.float(), (hx[0].float(), hx[1].float()), w_ih.float(), w_hh.float(),
                          None if b_ih is None else b_ih.float(), None if b_hh is None else b_hh.float())
         return h.half(), c.half()
-    batch_sizes = _one_step(input.shape[0])
+    batch_sizes = _constant_batch_sizes(1, input.shape[0])
     h, _, c = lstm_layer(input, batch_sizes, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)
     return h, c

@@ -67,10 +67,20 @@ class LSTM(torch.nn.RNNBase):
             if t.device != input.device:
                 raise RuntimeError(f"LSTM: {name} is on {t.device} but input is on {input.device}")
 
+    def _current_weights(self) -> list[Tensor]:
+        """`_flat_weights` after torch's `_update_flat_weights()`; checked by identity against the registered
+        parameters first (a microsecond), since torch's own check costs several of a small call."""
+        flat, params = self._flat_weights, self._parameters
+        for name, weight in zip(self._flat_weights_names, flat):
+            if params.get(name) is not weight:
+                self._update_flat_weights()
+                return self._flat_weights
+        return flat
+
     def forward(self, input, hx=None):
-        self._update_flat_weights()
+        weights = self._current_weights()
         if isinstance(input, PackedSequence):
-            return self._forward_packed(input, hx)
+            return self._forward_packed(input, hx, weights)
         if input.dim() not in (2, 3):
             raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
         batched = input.dim() == 3
@@ -89,13 +99,13 @@ class LSTM(torch.nn.RNNBase):
         self._check_state_dtypes(input, hx)
         if input.size(0 if not self.batch_first else 1) == 0:
             raise RuntimeError("LSTM: Expected sequence length to be larger than 0 in RNN")
-        output, h_n, c_n = FL.lstm(input, hx, self._flat_weights, self.bias, self.num_layers,
+        output, h_n, c_n = FL.lstm(input, hx, weights, self.bias, self.num_layers,
                                    float(self.dropout), self.training, self.bidirectional, self.batch_first)
         if not batched:
             return output.squeeze(batch_dim), (h_n.squeeze(1), c_n.squeeze(1))
         return output, (h_n, c_n)
 
-    def _forward_packed(self, packed: PackedSequence, hx):
+    def _forward_packed(self, packed: PackedSequence, hx, weights: list[Tensor]):
         data, batch_sizes, sorted_indices, unsorted_indices = packed
         if hx is None:
             hx = self._zero_state(int(batch_sizes[0]), data)
@@ -103,7 +113,7 @@ class LSTM(torch.nn.RNNBase):
             hx = self.permute_hidden(hx, sorted_indices)
         self.check_forward_args(data, hx, batch_sizes)
         self._check_state_dtypes(data, hx)
-        output, h_n, c_n = FL.lstm_packed(data, batch_sizes, hx[0], hx[1], self._flat_weights, self.bias,
+        output, h_n, c_n = FL.lstm_packed(data, batch_sizes, hx[0], hx[1], weights, self.bias,
                                           self.num_layers, float(self.dropout), self.training, self.bidirectional)
         out = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
         return out, self.permute_hidden((h_n, c_n), unsorted_indices)
