@@ -1060,7 +1060,14 @@ def test_cpu_autocast_like_torch(input_dtype):
     ref, ours = make_lstm_pair(INPUT_SIZE, HIDDEN, num_layers=2, dtype=torch.float32)
     x = torch.randn(STEPS, BATCH, INPUT_SIZE).to(input_dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref_out = ref(x)
+        try:
+            ref_out = ref(x)
+        except RuntimeError as error:
+            # On CPUs without AVX512-BF16 (AMD Zen 3) oneDNN cannot build torch's bf16 LSTM primitive from a
+            # float32 input; autocast casts the input to bf16 first, so the bf16 input is the same reference.
+            if "primitive descriptor" not in str(error):
+                raise
+            ref_out = ref(x.to(torch.bfloat16))
         our_out = ours(x)
     for a, b in zip(float_outputs(our_out), float_outputs(ref_out)):
         assert a.dtype == b.dtype == torch.bfloat16
