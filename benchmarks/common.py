@@ -1,5 +1,5 @@
 """What a benchmark case is, and how one is timed: the reference and ours in the same process, same inputs,
-timed by torch.utils.benchmark (median of blocked_autorange)."""
+timed by torch.utils.benchmark (median of blocked_autorange, the two sides in alternating rounds)."""
 
 from __future__ import annotations
 
@@ -29,12 +29,20 @@ class Case:
     extra: dict = field(default_factory=dict)
 
 
-def time_call(fn: Callable[[], object], threads: int, min_run_time: float, grad: bool) -> float:
-    """Median seconds of one call of fn on `threads` threads."""
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+def time_pair(reference: Callable[[], object], ours: Callable[[], object], threads: int, min_run_time: float,
+              grad: bool, rounds: int = 4) -> tuple[float, float]:
+    """Median seconds of one call of each, on `threads` threads. The two are timed in alternating rounds
+    (torch.utils.benchmark's blocked_autorange, merged per side), so that a slow phase of a shared machine
+    falls on both sides of the ratio instead of on one."""
+    timers = [benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads) for fn in (reference, ours)]
+    runs: list[list[benchmark.Measurement]] = [[], []]
     with torch.set_grad_enabled(grad):
-        fn()  # warm-up: JIT kernels, workspaces, lazy init
-        return timer.blocked_autorange(min_run_time=min_run_time).median
+        reference(), ours()  # warm-up: JIT kernels, workspaces, lazy init
+        for _ in range(rounds):
+            for side, timer in enumerate(timers):
+                runs[side].append(timer.blocked_autorange(min_run_time=min_run_time / rounds))
+    ref_s, ours_s = (benchmark.Measurement.merge(side)[0].median for side in runs)
+    return ref_s, ours_s
 
 
 def measure_read_bandwidth(threads: int, size_mib: int = 512) -> float:

@@ -21,7 +21,7 @@ import torch
 
 import fusedlayers
 
-from .common import Case, cpu_model, measure_read_bandwidth, time_call
+from .common import Case, cpu_model, measure_read_bandwidth, time_pair
 from .memory import peak_memory_mib
 
 FAMILIES = ["gemm", "lstm", "attention", "flows"]
@@ -42,8 +42,7 @@ def measure_peaks(threads: list[int], dtypes: list[str], seconds: float) -> dict
 def run_case(case: Case, threads: int, min_run_time: float, peaks: dict[str, float], sizes: str) -> dict:
     torch.manual_seed(0)
     reference, ours = case.make()
-    ref_s = time_call(reference, threads, min_run_time, case.grad)
-    ours_s = time_call(ours, threads, min_run_time, case.grad)
+    ref_s, ours_s = time_pair(reference, ours, threads, min_run_time, case.grad)
     peak = peaks.get(f"{case.peak_kind}/{threads}")
     gflops = case.flops / ours_s / 1e9 if case.flops else None
     ref_gflops = case.flops / ref_s / 1e9 if case.flops else None

@@ -9,7 +9,9 @@
 
 namespace fl {
 
-enum class WorkspaceSlot : int { w_ih, w_hh, w_hr, gates, raw, state_h, state_c, left, product, hidden_prev, grad, count };
+enum class WorkspaceSlot : int { w_ih, w_hh, w_hr, gates, raw, state_h, state_c, left, product, hidden_prev, grad,
+                               gemm_a, gemm_b,  // the GEMM engine's packed operands
+                               count };
 
 // An uninitialised buffer of `count` elements, 64-byte aligned, valid until the next call with the same slot
 // on the same thread.
