@@ -20,6 +20,8 @@ PYBIND11_MODULE(_C, m) {
         "The instruction set the CPU kernels run with (FUSEDLAYERS_ISA can lower it).");
   m.def("best_isa", [] { return std::string(fl::isa_name(fl::best_supported_isa())); });
   m.def("gemm_backend", [] { return std::string(fl::gemm_backend()); });
+  m.def("bf16_native", &fl::gemm_bf16_native,
+        "Whether bfloat16 products run natively (AVX512-BF16); otherwise bfloat16 layers compute in float32.");
   m.def("num_threads", [] { return fl::num_threads(); });
   m.def("cuda_built", [] { return false; });
   m.def("set_weight_cache_enabled", &fl::set_derived_cache_enabled, py::arg("enabled"));

@@ -14,6 +14,7 @@ def test_info_reports_build_and_runtime():
     info = fusedlayers.info()
     assert info["isa"] in ("baseline", "avx2", "avx512")
     assert info["gemm_backend"] in ("brgemm", "portable")
+    assert isinstance(info["bf16_native"], bool)
     assert info["num_threads"] == torch.get_num_threads()
     assert info["torch"] == torch.__version__ == info["built_with_torch"]
     assert info["cuda_kernels_built"] is False

@@ -42,6 +42,9 @@ void gemm_parallel_bias(int64_t M, int64_t N, int64_t K, const double* A, int64_
 
 // "brgemm" or "portable": which backend fp32 products use.
 const char* gemm_backend();
+// Whether bf16 products run on the micro-kernel: false on CPUs without native bf16 dot products (AVX512-BF16),
+// where gemm_bf16 falls back to a scalar loop and bf16 layers are better computed in float32.
+bool gemm_bf16_native();
 
 // dst[c * ld_dst + r] = src[r * ld_src + c] for a rows x cols source.
 template <typename T>

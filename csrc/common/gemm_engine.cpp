@@ -2,6 +2,7 @@
 // internal micro-kernel API (at::native::cpublas), so a torch upgrade that changes it breaks only here.
 #include "common/gemm.h"
 
+#include "common/isa.h"
 #include "common/parallel.h"
 #include "common/small_gemm_kernel.h"
 #include "common/workspace.h"
@@ -96,6 +97,8 @@ bool use_brgemm_bf16() {
 }  // namespace
 
 const char* gemm_backend() { return use_brgemm_f32() ? "brgemm" : "portable"; }
+
+bool gemm_bf16_native() { return use_brgemm_bf16() && cpu_has_avx512_bf16(); }
 
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
           int64_t ldc, bool accumulate) {

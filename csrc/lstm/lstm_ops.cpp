@@ -3,6 +3,7 @@
 #include "lstm/lstm_kernel.h"
 
 #include "common/derived_cache.h"
+#include "common/gemm.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -123,9 +124,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
   Checked checked = check_layer_args(input_, batch_sizes, h0_, c0_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, reverse);
   const LstmLayerSizes& s = checked.sizes;
   const auto out_dtype = input_.scalar_type();
-  // bfloat16 runs natively (bf16 products, fp32 gates and cell state) except with a projection, which is
-  // computed in float32.
-  const bool native = out_dtype != at::kBFloat16 || !s.has_proj;
+  // bfloat16 runs natively (bf16 products, fp32 gates and cell state) except with a projection, or on a CPU
+  // without native bf16 products (its scalar bf16 loop is ten times slower than float32): those compute in float32.
+  const bool native = out_dtype != at::kBFloat16 || (!s.has_proj && gemm_bf16_native());
   auto view = [&](const Tensor& t) { return native ? t : compute_view(t); };
   const Tensor input = view(input_.contiguous()), h0 = view(h0_.contiguous()), c0 = view(c0_.contiguous()),
                w_ih = view(w_ih_.contiguous()), w_hh = view(w_hh_.contiguous()),

@@ -6,11 +6,12 @@ from . import _C
 
 
 def info() -> dict:
-    """Returns the chosen CPU instruction set, GEMM backend, thread count, torch versions and CUDA status."""
+    """Returns the chosen CPU instruction set, GEMM backend, whether bfloat16 products run natively, thread count, torch versions and CUDA status."""
     return {
         "isa": _C.isa(),
         "best_isa": _C.best_isa(),
         "gemm_backend": _C.gemm_backend(),
+        "bf16_native": _C.bf16_native(),
         "num_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "built_with_torch": _C.built_with_torch(),
