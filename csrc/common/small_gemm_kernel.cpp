@@ -11,6 +11,19 @@ namespace {
 
 constexpr int64_t kPrefetchRows = 4;
 
+// The register type under Vectorized<T> (the class itself where there is none).
+template <typename T>
+struct RawRegister {
+  using type = at::vec::Vectorized<T>;
+};
+#if defined(CPU_CAPABILITY_AVX512)
+template <> struct RawRegister<float> { using type = __m512; };
+template <> struct RawRegister<double> { using type = __m512d; };
+#elif defined(CPU_CAPABILITY_AVX2)
+template <> struct RawRegister<float> { using type = __m256; };
+template <> struct RawRegister<double> { using type = __m256d; };
+#endif
+
 // One row of C, columns [j0, j0 + kVecs vectors): the strip stays in registers over the whole K loop. Eight
 // vectors keep both FMA pipes busy through their latency; four serve the remainder. B usually streams from L2
 // (an LSTM step's recurrent weights): rows a few ahead are prefetched, which the hardware does not do soon
@@ -18,16 +31,28 @@ constexpr int64_t kPrefetchRows = 4;
 template <int kVecs, typename T>
 void row_strip(int64_t K, const T* a, const T* B, int64_t ldb, T* c, bool accumulate) {
   using V = at::vec::Vectorized<T>;
-  V acc[kVecs];
-  for (int v = 0; v < kVecs; ++v) acc[v] = accumulate ? V::loadu(c + v * V::size()) : V(T(0));
+  // Accumulators as raw registers, every loop over them unrolled and branch-free: an array of Vectorized was
+  // stored back to the stack at every K step.
+  using R = typename RawRegister<T>::type;
+  R acc[kVecs];
+  if (accumulate) {
+#pragma GCC unroll 8
+    for (int v = 0; v < kVecs; ++v) acc[v] = V::loadu(c + v * V::size());
+  } else {
+#pragma GCC unroll 8
+    for (int v = 0; v < kVecs; ++v) acc[v] = V(T(0));
+  }
   for (int64_t k = 0; k < K; ++k) {
     const V av(a[k]);
     const T* b = B + k * ldb;
+#pragma GCC unroll 8
     for (int v = 0; v < kVecs; ++v)  // prefetches never fault, past the end of B included
       __builtin_prefetch(b + kPrefetchRows * ldb + v * V::size(), 0, 3);
-    for (int v = 0; v < kVecs; ++v) acc[v] = at::vec::fmadd(av, V::loadu(b + v * V::size()), acc[v]);
+#pragma GCC unroll 8
+    for (int v = 0; v < kVecs; ++v) acc[v] = at::vec::fmadd(av, V::loadu(b + v * V::size()), V(acc[v]));
   }
-  for (int v = 0; v < kVecs; ++v) acc[v].store(c + v * V::size());
+#pragma GCC unroll 8
+  for (int v = 0; v < kVecs; ++v) V(acc[v]).store(c + v * V::size());
 }
 
 template <typename T>
