@@ -17,12 +17,16 @@ import json
 import os
 import sys
 
-import torch
+# numpy's own OpenBLAS threads (loaded with torch) spin after any numpy product and take cycles from the two
+# threads under test; no case times numpy.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import fusedlayers
+import torch  # noqa: E402
 
-from .common import Case, cpu_model, measure_read_bandwidth, time_pair
-from .memory import peak_memory_mib
+import fusedlayers  # noqa: E402
+
+from .common import Case, cpu_model, measure_read_bandwidth, time_pair  # noqa: E402
+from .memory import peak_memory_mib  # noqa: E402
 
 FAMILIES = ["gemm", "lstm", "attention", "flows"]
 
