@@ -9,6 +9,7 @@
 
 #include <ATen/Config.h>
 #include <ATen/native/CPUBlas.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -16,8 +17,11 @@
 #include <limits>
 #include <vector>
 
-// The Fortran BLAS dgemm that libtorch_cpu exports on x86 builds (MKL); a weak reference, null where torch was
-// built without it (the portable loop then serves).
+// The Fortran BLAS that libtorch_cpu exports on x86 builds (MKL); weak references, null where torch was built
+// without it (the engine's other backends then serve).
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
 extern "C" void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
                        const double* beta, double* c, const int* ldc) __attribute__((weak));
@@ -95,14 +99,48 @@ bool use_brgemm_f32() {
   return ok;
 }
 
-// float64 products go to the BLAS that torch ships (its own float64 layers use it: the portable loop was 4x
-// slower than torch's float64 LSTM), unless FUSEDLAYERS_GEMM=portable or a size does not fit its 32-bit ints.
-bool use_blas_f64(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc) {
-  static const bool available = dgemm_ != nullptr && !env_forces_portable();
+// Whether the exported BLAS can take this product: present, not refused by FUSEDLAYERS_GEMM, sizes within its
+// 32-bit ints, leading dimensions at least the row lengths (BLAS refuses less, e.g. a zero-stride view).
+bool blas_fits(bool present, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc) {
   constexpr int64_t kMax = std::numeric_limits<int>::max();
-  // BLAS also refuses leading dimensions below the row length (views with a zero stride, for instance).
-  const bool strides_ok = lda >= std::max<int64_t>(1, K) && ldb >= std::max<int64_t>(1, N) && ldc >= std::max<int64_t>(1, N);
-  return available && K > 0 && strides_ok && std::max({M, N, K, lda, ldb, ldc}) <= kMax;
+  const bool strides_ok = lda >= std::max<int64_t>(1, K) && ldb >= std::max<int64_t>(1, N) &&
+                          ldc >= std::max<int64_t>(1, N);
+  return present && K > 0 && strides_ok && std::max({M, N, K, lda, ldb, ldc}) <= kMax;
+}
+
+// float64 products go to the BLAS (torch's own float64 layers use it: the portable loop was 4x slower than
+// torch's float64 LSTM). float32 products shared among threads go to it on AVX2 CPUs only, where oneDNN's AVX2
+// micro-kernel in our tiles ran about 6% behind it (AVX-512 CPUs: our tiles were up to 2x torch's matmul).
+bool use_blas(const double*, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc) {
+  static const bool present = dgemm_ != nullptr && !env_forces_portable();
+  return blas_fits(present, M, N, K, lda, ldb, ldc);
+}
+
+bool use_blas(const float*, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc) {
+  static const bool present = [] {
+    const char* env = std::getenv("FUSEDLAYERS_GEMM");
+    const bool brgemm_forced = env != nullptr && std::strcmp(env, "brgemm") == 0;
+    return sgemm_ != nullptr && !env_forces_portable() && !brgemm_forced && active_isa() == Isa::avx2;
+  }();
+  return blas_fits(present, M, N, K, lda, ldb, ldc);
+}
+
+// Row-major C = A B is column-major C^T = B^T A^T. Outside a parallel region MKL uses torch's thread count;
+// inside one, the calling thread.
+void blas_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+               int64_t ldc, bool accumulate) {
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const float one = 1.f, beta = accumulate ? 1.f : 0.f;
+  sgemm_("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+}
+
+void blas_gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb,
+               double* C, int64_t ldc, bool accumulate) {
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const double one = 1.0, beta = accumulate ? 1.0 : 0.0;
+  dgemm_("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
 }
 
 bool use_brgemm_bf16() {
@@ -164,14 +202,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const d
     FL_DISPATCH_ISA(small_rows_gemm, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
     return;
   }
-  if (use_blas_f64(M, N, K, lda, ldb, ldc)) {
-    // Row-major C = A B is column-major C^T = B^T A^T. Inside a parallel region MKL runs on the calling thread.
-    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    const double one = 1.0, beta = accumulate ? 1.0 : 0.0;
-    dgemm_("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
-    return;
-  }
+  if (use_blas(A, M, N, K, lda, ldb, ldc)) return blas_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
   portable_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
@@ -231,6 +262,11 @@ template <typename T>
 void tiled_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                     int64_t ldc, bool accumulate, const T* bias = nullptr) {
   if (M <= 0 || N <= 0) return;
+  if (use_blas(A, M, N, K, lda, ldb, ldc) && !at::in_parallel_region()) {
+    if (bias != nullptr)
+      for (int64_t r = 0; r < M; ++r) std::copy(bias, bias + N, C + r * ldc);
+    return blas_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate || bias != nullptr);
+  }
   // Tiles big enough to keep the micro-kernel at full speed, and enough of them to share among threads: large
   // tiles are halved (down to one micro-kernel tile) until every thread has at least two.
   int64_t tile_m = 4 * kTileM, tile_n = 4 * kTileN;
