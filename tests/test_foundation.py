@@ -13,7 +13,7 @@ import fusedlayers
 def test_info_reports_build_and_runtime():
     info = fusedlayers.info()
     assert info["isa"] in ("baseline", "avx2", "avx512")
-    assert info["gemm_backend"] in ("brgemm", "portable")
+    assert info["gemm_backend"] in ("brgemm", "brgemm+blas", "portable")
     assert isinstance(info["bf16_native"], bool)
     assert info["num_threads"] == torch.get_num_threads()
     assert info["torch"] == torch.__version__ == info["built_with_torch"]
@@ -68,7 +68,24 @@ torch.testing.assert_close(torch.ops.fusedlayers._gemm(a, b, True), a @ b, rtol=
     assert result.returncode == 0, result.stderr
 
 
-SHAPES = [(1, 1, 1), (3, 5, 7), (64, 64, 256), (65, 129, 513), (32, 2048, 40), (300, 17, 1), (7, 9, 0)]
+# (40, 512, 64) and (130, 1024, 300): rows of B a multiple of 2 KiB apart, copied to contiguous panels.
+def test_tiled_gemm_backend_is_selectable_and_correct():
+    """FUSEDLAYERS_GEMM=brgemm keeps float32 products shared among threads on our tiles (AVX2 CPUs otherwise send
+    them to the BLAS), so the tiles are checked on every machine."""
+    code = """
+import torch, fusedlayers
+assert fusedlayers.info()['gemm_backend'] in ('brgemm', 'portable'), fusedlayers.info()
+for m, n, k in [(70, 33, 45), (130, 1024, 300), (256, 600, 1100)]:
+    a, b = torch.randn(m, k, dtype=torch.float64), torch.randn(k, n, dtype=torch.float64)
+    out = torch.ops.fusedlayers._gemm(a.float(), b.float(), True)
+    torch.testing.assert_close(out.double(), a.float().double() @ b.float().double(), rtol=1e-4, atol=1e-3)
+"""
+    result = _run_python(code, FUSEDLAYERS_GEMM="brgemm")
+    assert result.returncode == 0, result.stderr
+
+
+SHAPES = [(1, 1, 1), (3, 5, 7), (64, 64, 256), (65, 129, 513), (32, 2048, 40), (300, 17, 1), (7, 9, 0),
+          (40, 512, 64), (130, 1024, 300)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)

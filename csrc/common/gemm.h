@@ -2,9 +2,9 @@
 //   C[M x N] = (accumulate ? C : 0) + A[M x K] * B[K x N]
 // All matrices are row-major with explicit leading dimensions; no transposes (callers lay data out so that
 // none are needed, or copy with transpose_copy). fp32 uses oneDNN's JIT micro-kernel through torch
-// (at::native::cpublas::brgemm) when it is available and a portable blocked loop otherwise; fp64 (used for
-// gradient checks) always uses the portable loop; bf16 multiplies in bf16 and accumulates in fp32, with B
-// packed beforehand by pack_b_bf16.
+// (at::native::cpublas::brgemm) when it is available and a portable blocked loop otherwise, and on AVX2 CPUs the
+// BLAS that torch exports (MKL) for gemm_parallel; fp64 uses that BLAS where present (the portable loop
+// otherwise); bf16 multiplies in bf16 and accumulates in fp32, with B packed beforehand by pack_b_bf16.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -40,7 +40,7 @@ void gemm_parallel_bias(int64_t M, int64_t N, int64_t K, const float* A, int64_t
 void gemm_parallel_bias(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
                         int64_t ldb, const double* bias, double* C, int64_t ldc);
 
-// "brgemm" or "portable": which backend fp32 products use.
+// "brgemm", "brgemm+blas" (products shared among threads on the BLAS) or "portable": the fp32 backends.
 const char* gemm_backend();
 // Whether bf16 products run on the micro-kernel: false on CPUs without native bf16 dot products (AVX512-BF16),
 // where gemm_bf16 falls back to a scalar loop and bf16 layers are better computed in float32.

@@ -151,7 +151,10 @@ bool use_brgemm_bf16() {
 
 }  // namespace
 
-const char* gemm_backend() { return use_brgemm_f32() ? "brgemm" : "portable"; }
+const char* gemm_backend() {
+  if (!use_brgemm_f32()) return "portable";
+  return use_blas(static_cast<const float*>(nullptr), 1, 1, 1, 1, 1, 1) ? "brgemm+blas" : "brgemm";
+}
 
 bool gemm_bf16_native() { return use_brgemm_bf16() && cpu_has_avx512_bf16(); }
 
