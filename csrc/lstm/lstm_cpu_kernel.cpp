@@ -7,6 +7,7 @@
 #include "lstm/lstm_kernel.h"
 
 #include "common/gemm.h"
+#include "common/strip_gemm.h"
 #include "common/transpose_kernel.h"
 #include "common/parallel.h"
 #include "common/vec_math.h"
@@ -51,6 +52,13 @@ struct GateColumns {
     return perm;
   }
 };
+
+// Whether float gate panels are stored as strips (common/strip_gemm.h): on builds that have the strip kernel,
+// when every block's 4 x width columns are a multiple of the strip width.
+template <typename T>
+bool strip_panels(const GateColumns& columns) {
+  return std::is_same_v<T, float> && kStripPanels && columns.hidden % 4 == 0;
+}
 
 // A gradient computed transposed and in gate-column order, back to torch's layout: dst[r * K + k] = src[k * R + perm[r]].
 // Groups of 8 rows whose source columns are consecutive (all of them when H is a multiple of 8) move as one
@@ -116,18 +124,37 @@ void pack_weight_panels(const GateColumns& columns, int64_t K, const T* src, T* 
       }
     });
   } else {
+    if constexpr (std::is_same_v<T, float>) {
+      if (strip_panels<T>(columns)) {
+        std::vector<T> plain(4 * columns.hidden * K);
+        pack_block_panels(columns, K, src, plain.data());
+        parallel_for(columns.blocks(), 1, [&](int64_t begin, int64_t end) {
+          for (int64_t block = begin; block < end; ++block) {
+            const int64_t n = 4 * columns.width(block), offset = columns.base(block) * K;
+            pack_strips(K, n, plain.data() + offset, n, dst + offset);
+          }
+        });
+        return;
+      }
+    }
     pack_block_panels(columns, K, src, dst);
   }
 }
 
 // C[n x cols] (+)= A[n x K] times one block's panel.
 template <typename T, typename S>
-void panel_gemm(int64_t n, int64_t cols, int64_t K, const T* A, int64_t lda, const T* panel, S* C, int64_t ldc,
-                bool accumulate) {
-  if constexpr (std::is_same_v<T, bf16>)
+void panel_gemm(const GateColumns& columns, int64_t n, int64_t cols, int64_t K, const T* A, int64_t lda,
+                const T* panel, S* C, int64_t ldc, bool accumulate) {
+  if constexpr (std::is_same_v<T, bf16>) {
     gemm_bf16(n, cols, K, A, lda, panel, cols, 0, C, ldc, accumulate);
-  else
+  } else if constexpr (std::is_same_v<T, float>) {
+    if (strip_panels<T>(columns))
+      strip_gemm(n, cols, K, A, lda, panel, C, ldc, accumulate);
+    else
+      gemm(n, cols, K, A, lda, panel, cols, C, ldc, accumulate);
+  } else {
     gemm(n, cols, K, A, lda, panel, cols, C, ldc, accumulate);
+  }
 }
 
 // Rows of a torch weight [R x K] reordered into gate-column order: dst[perm[r]] = src[r].
@@ -293,7 +320,7 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
         if (s.has_bias)
           for (int64_t row = r0; row < r1; ++row)
             std::memcpy(gates_chunk + row * LG + base, bias.data() + base, sizeof(S) * 4 * width);
-        panel_gemm(r1 - r0, 4 * width, I, a.input + (row_lo + r0) * I, I, w_ih_t + base * rows_i,
+        panel_gemm(columns, r1 - r0, 4 * width, I, a.input + (row_lo + r0) * I, I, w_ih_t + base * rows_i,
                    gates_chunk + r0 * LG + base, LG, s.has_bias);
       }
       barrier.wait(size);
@@ -322,10 +349,10 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
           split_range(n, step_chunks, item / blocks, b0, b1);
           const int64_t split = std::clamp(ran_before, b0, b1);
           if (split > b0)
-            panel_gemm(split - b0, 4 * width, P, h_prev + b0 * P, P, w_hh_t + base * rows_p,
+            panel_gemm(columns, split - b0, 4 * width, P, h_prev + b0 * P, P, w_hh_t + base * rows_p,
                        gates_t + b0 * LG + base, LG, true);
           if (b1 > split)
-            panel_gemm(b1 - split, 4 * width, P, a.h0 + split * P, P, w_hh_t + base * rows_p,
+            panel_gemm(columns, b1 - split, 4 * width, P, a.h0 + split * P, P, w_hh_t + base * rows_p,
                        gates_t + split * LG + base, LG, true);
           for (int64_t b = b0; b < b1; ++b) {
             S* cell_out = cells_t != nullptr ? cells_t + b * H + unit0 : nullptr;
