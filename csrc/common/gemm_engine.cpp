@@ -148,7 +148,6 @@ bool use_brgemm_bf16() {
   return ok;
 }
 
-
 }  // namespace
 
 const char* gemm_backend() {
