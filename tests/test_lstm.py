@@ -1072,3 +1072,24 @@ def test_cpu_autocast_like_torch(input_dtype):
     for a, b in zip(float_outputs(our_out), float_outputs(ref_out)):
         assert a.dtype == b.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b.float(), **BF16_TOL)
+
+
+# Sizes where every product path of the float32 kernels is taken: inputs and hidden sizes above one K chunk (256)
+# of the AVX2 strip panels, hidden sizes divisible by 4 (strip panels) or not (plain panels), batches of 1-4 rows
+# (the few-row path) and of 5-13 (6-row tiles with a remainder).
+LARGE_PRODUCT_CASES = [(300, 64, 13), (40, 260, 7), (300, 260, 1), (270, 36, 4), (257, 30, 9)]
+
+
+@pytest.mark.parametrize("input_size, hidden, batch", LARGE_PRODUCT_CASES)
+def test_float32_large_products_match_torch(input_size, hidden, batch):
+    ref, ours = make_lstm_pair(input_size, hidden, dtype=torch.float32)
+    x = torch.randn(6, batch, input_size, requires_grad=True)
+    out_ref, (h_ref, c_ref) = ref(x)
+    out, (h, c) = ours(x)
+    tol = dict(rtol=1e-4, atol=1e-5)
+    for a, b in ((out, out_ref), (h, h_ref), (c, c_ref)):
+        torch.testing.assert_close(a, b, **tol)
+    grads_ref = torch.autograd.grad(out_ref.square().sum() + c_ref.sum(), [x, *ref.parameters()])
+    grads = torch.autograd.grad(out.square().sum() + c.sum(), [x, *ours.parameters()])
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
