@@ -1077,7 +1077,7 @@ def test_cpu_autocast_like_torch(input_dtype):
 # Sizes where every product path of the float32 kernels is taken: inputs and hidden sizes above one K chunk (256)
 # of the AVX2 strip panels, hidden sizes divisible by 4 (strip panels) or not (plain panels), batches of 1-4 rows
 # (the few-row path) and of 5-13 (6-row tiles with a remainder).
-LARGE_PRODUCT_CASES = [(300, 64, 13), (40, 260, 7), (300, 260, 1), (270, 36, 4), (257, 30, 9)]
+LARGE_PRODUCT_CASES = [(300, 64, 13), (40, 260, 7), (300, 260, 1), (270, 36, 4), (257, 30, 9), (50, 80, 5)]
 
 
 @pytest.mark.parametrize("input_size, hidden, batch", LARGE_PRODUCT_CASES)
