@@ -38,6 +38,23 @@ inline void pack_strips(int64_t K, int64_t N, const float* B, int64_t ldb, float
 #if FL_STRIP_PANELS
 namespace strip_detail {
 
+// lo/hi[r] += A[r, 0:K] times one strip [K x 16], r < kRows: the inner loop of every strip tile. Always inlined,
+// so that the accumulators stay in registers.
+template <int kRows>
+__attribute__((always_inline)) inline void fma_rows(int64_t K, const float* A, int64_t lda, const float* strip,
+                                                    __m256 (&lo)[kRows], __m256 (&hi)[kRows]) {
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 b_lo = _mm256_loadu_ps(strip + k * kStripColumns);
+    const __m256 b_hi = _mm256_loadu_ps(strip + k * kStripColumns + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < kRows; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+      lo[r] = _mm256_fmadd_ps(a, b_lo, lo[r]);
+      hi[r] = _mm256_fmadd_ps(a, b_hi, hi[r]);
+    }
+  }
+}
+
 // C[kRows x 16] (+)= A[kRows x K] (rows lda apart) times one strip [K x 16]. Every loop over the rows is unrolled
 // and branch-free so that GCC keeps the 12 accumulators in registers.
 template <int kRows>
@@ -53,16 +70,7 @@ inline void tile(int64_t K, const float* A, int64_t lda, const float* strip, flo
 #pragma GCC unroll 6
     for (int r = 0; r < kRows; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
   }
-  for (int64_t k = 0; k < K; ++k) {
-    const __m256 b_lo = _mm256_loadu_ps(strip + k * kStripColumns);
-    const __m256 b_hi = _mm256_loadu_ps(strip + k * kStripColumns + 8);
-#pragma GCC unroll 6
-    for (int r = 0; r < kRows; ++r) {
-      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
-      lo[r] = _mm256_fmadd_ps(a, b_lo, lo[r]);
-      hi[r] = _mm256_fmadd_ps(a, b_hi, hi[r]);
-    }
-  }
+  fma_rows<kRows>(K, A, lda, strip, lo, hi);
 #pragma GCC unroll 6
   for (int r = 0; r < kRows; ++r) {
     _mm256_storeu_ps(C + r * ldc, lo[r]);

@@ -11,7 +11,9 @@
 #include "common/transpose_kernel.h"
 #include "common/vec_math.h"
 #include "common/parallel.h"
+#include "common/workspace.h"
 #include "flows/flow_math.h"
+#include "flows/made_strips.h"
 
 #include <ATen/cpu/vec/vec.h>
 
@@ -104,8 +106,35 @@ struct SlabRows {
   }
 };
 
+// Every layer's weight as strips (made_strips.h), packed once per call: float on AVX2-only builds; empty
+// elsewhere (the products then go to the GEMM engine).
+struct PackedStrips {
+  std::vector<MadeStripLayout> layouts;
+  const float* buffer = nullptr;
+};
+
 template <typename T>
-void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows, int64_t slab_size, SlabRows<T>& slab) {
+PackedStrips pack_strips_of(const MadeForwardArgs<T>& a) {
+  PackedStrips packed;
+  if constexpr (std::is_same_v<T, float> && kStripPanels) {
+    int64_t end = 0;
+    for (int64_t l = 0; l < a.num_layers; ++l) {
+      packed.layouts.push_back(made_strip_layout(a.layers[l].out_units, a.layers[l].extent, end));
+      end = packed.layouts.back().end;
+    }
+    float* buffer = workspace<float>(WorkspaceSlot::made_strips, static_cast<size_t>(end));
+    parallel_for(a.num_layers, 1, [&](int64_t l0, int64_t l1) {
+      for (int64_t l = l0; l < l1; ++l)
+        pack_made_strips(packed.layouts[l], a.layers[l].weight_t, a.layers[l].bias, buffer);
+    });
+    packed.buffer = buffer;
+  }
+  return packed;
+}
+
+template <typename T>
+void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows, int64_t slab_size, SlabRows<T>& slab,
+                  const PackedStrips& packed) {
   const auto act = static_cast<MadeActivation>(a.activation);
   const int64_t D = a.features;
   slab.point(a, n0, slab_size);
@@ -119,7 +148,10 @@ void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows, int64_t
       input = slab.activated[l];
     }
     T* z = y.act_out ? slab.pre[l] : slab.dst[l];
-    for (int64_t c0 = 0; c0 < out; c0 += kColumnBlock) {
+    const bool strips = packed.buffer != nullptr;  // the strips add the bias
+    if constexpr (std::is_same_v<T, float>)
+      if (strips) made_strip_product(rows, input, in, packed.layouts[l], packed.buffer, z, out);
+    for (int64_t c0 = 0; c0 < out && !strips; c0 += kColumnBlock) {
       const int64_t c1 = std::min(out, c0 + kColumnBlock), k = y.extent[c1 - 1];
       if (k > 0)
         gemm(rows, c1 - c0, k, input, in, y.weight_t + c0, out, z + c0, out, false);
@@ -130,7 +162,7 @@ void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows, int64_t
     const T* residual = y.residual >= 0 ? buffer(y.residual) : nullptr;
     for (int64_t r = 0; r < rows; ++r) {
       T* zr = z + r * out;
-      if (y.bias)
+      if (y.bias && !strips)
         for (int64_t c = 0; c < out; ++c) zr[c] += y.bias[c];
       if (y.context) {
         const T* ctx = y.context + (n0 + r) * out;
@@ -163,9 +195,11 @@ template <typename T>
 void forward(const MadeForwardArgs<T>& a) {
   const int64_t rows = slab_rows(a.layers, a.num_layers, a.batch);
   const int64_t slabs = (a.batch + rows - 1) / rows;
+  const PackedStrips packed = pack_strips_of(a);
   parallel_for(slabs, 1, [&](int64_t begin, int64_t end) {
     SlabRows<T> slab;
-    for (int64_t s = begin; s < end; ++s) forward_slab(a, s * rows, std::min(rows, a.batch - s * rows), rows, slab);
+    for (int64_t s = begin; s < end; ++s)
+      forward_slab(a, s * rows, std::min(rows, a.batch - s * rows), rows, slab, packed);
   });
 }
 
