@@ -38,14 +38,14 @@ inline void pack_strips(int64_t K, int64_t N, const float* B, int64_t ldb, float
 #if FL_STRIP_PANELS
 namespace strip_detail {
 
-// lo/hi[r] += A[r, 0:K] times one strip [K x 16], r < kRows: the inner loop of every strip tile. Always inlined,
-// so that the accumulators stay in registers.
+// lo/hi[r] += A[r, 0:K] times B [K x 16] (rows ldb apart: 16 in a packed strip), r < kRows: the inner loop of
+// every strip tile. Always inlined, so that the accumulators stay in registers.
 template <int kRows>
-__attribute__((always_inline)) inline void fma_rows(int64_t K, const float* A, int64_t lda, const float* strip,
-                                                    __m256 (&lo)[kRows], __m256 (&hi)[kRows]) {
+__attribute__((always_inline)) inline void fma_rows(int64_t K, const float* A, int64_t lda, const float* B,
+                                                    int64_t ldb, __m256 (&lo)[kRows], __m256 (&hi)[kRows]) {
   for (int64_t k = 0; k < K; ++k) {
-    const __m256 b_lo = _mm256_loadu_ps(strip + k * kStripColumns);
-    const __m256 b_hi = _mm256_loadu_ps(strip + k * kStripColumns + 8);
+    const __m256 b_lo = _mm256_loadu_ps(B + k * ldb);
+    const __m256 b_hi = _mm256_loadu_ps(B + k * ldb + 8);
 #pragma GCC unroll 6
     for (int r = 0; r < kRows; ++r) {
       const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
@@ -70,7 +70,7 @@ inline void tile(int64_t K, const float* A, int64_t lda, const float* strip, flo
 #pragma GCC unroll 6
     for (int r = 0; r < kRows; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
   }
-  fma_rows<kRows>(K, A, lda, strip, lo, hi);
+  fma_rows<kRows>(K, A, lda, strip, kStripColumns, lo, hi);
 #pragma GCC unroll 6
   for (int r = 0; r < kRows; ++r) {
     _mm256_storeu_ps(C + r * ldc, lo[r]);

@@ -119,13 +119,44 @@ PackedStrips pack_strips_of(const MadeForwardArgs<T>& a) {
   if constexpr (std::is_same_v<T, float> && kStripPanels) {
     int64_t end = 0;
     for (int64_t l = 0; l < a.num_layers; ++l) {
-      packed.layouts.push_back(made_strip_layout(a.layers[l].out_units, a.layers[l].extent, end));
+      const MadeLayer<T>& y = a.layers[l];
+      packed.layouts.push_back(made_output_strips(y.out_units, y.extent, end, y.bias != nullptr));
       end = packed.layouts.back().end;
     }
     float* buffer = workspace<float>(WorkspaceSlot::made_strips, static_cast<size_t>(end));
     parallel_for(a.num_layers, 1, [&](int64_t l0, int64_t l1) {
       for (int64_t l = l0; l < l1; ++l)
-        pack_made_strips(packed.layouts[l], a.layers[l].weight_t, a.layers[l].bias, buffer);
+        pack_made_strips(packed.layouts[l], a.layers[l].weight_t, a.layers[l].out_units, a.layers[l].bias, buffer);
+    });
+    packed.buffer = buffer;
+  }
+  return packed;
+}
+
+// The backward's strips: each layer's W over its input units (dA = dZ W), and where each worker sums its weight
+// gradient (the forward's layout, without bias).
+struct BackwardStrips {
+  std::vector<MadeStripLayout> inputs, grads;
+  int64_t grad_floats = 0;
+  const float* buffer = nullptr;
+};
+
+template <typename T>
+BackwardStrips backward_strips_of(const MadeBackwardArgs<T>& a) {
+  BackwardStrips packed;
+  if constexpr (std::is_same_v<T, float> && kStripPanels) {
+    int64_t end = 0;
+    for (int64_t l = 0; l < a.num_layers; ++l) {
+      const MadeLayer<T>& y = a.layers[l];
+      packed.inputs.push_back(made_input_strips(y.in_units, y.out_units, y.extent, end));
+      end = packed.inputs.back().end;
+      packed.grads.push_back(made_output_strips(y.out_units, y.extent, packed.grad_floats, false));
+      packed.grad_floats = packed.grads.back().end;
+    }
+    float* buffer = workspace<float>(WorkspaceSlot::made_strips, static_cast<size_t>(end));
+    parallel_for(a.num_layers, 1, [&](int64_t l0, int64_t l1) {
+      for (int64_t l = l0; l < l1; ++l)
+        pack_made_strips(packed.inputs[l], a.layers[l].weight, a.layers[l].in_units, nullptr, buffer);
     });
     packed.buffer = buffer;
   }
@@ -207,11 +238,12 @@ void forward(const MadeForwardArgs<T>& a) {
 template <typename T>
 struct Accumulators {
   std::vector<std::vector<T>> weight_t, bias;
+  std::vector<float> strips;  // the weight gradients, when the products run on strips
 };
 
 template <typename T>
 void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accumulators<T>& acc,
-                   std::vector<std::vector<T>>& grads, std::vector<T>& scratch) {
+                   std::vector<std::vector<T>>& grads, std::vector<T>& scratch, const BackwardStrips& packed) {
   const auto act = static_cast<MadeActivation>(a.activation);
   const int64_t D = a.features, L = a.num_layers;
   // grads[0]: dx; grads[l + 1]: d(dst of layer l), each [rows, units].
@@ -257,7 +289,7 @@ void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accum
         for (int64_t c = 0; c < out; ++c) acc.bias[l][c] += dz[r * out + c];
     const T* src = buffer_rows<T>(a.layers, a.inputs, D, y.src, n0);
     // dWt[0:k, block] += input^T[0:k, :] dz[:, block]; dA[:, 0:k] += dz[:, block] W[block, 0:k].
-    scratch.resize(3 * in * rows);
+    scratch.resize(3 * in * rows + kStripColumns * rows);
     T* input_t = scratch.data();
     T* da = scratch.data() + in * rows;
     const T* input = src;
@@ -267,8 +299,15 @@ void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accum
       input = activated;
     }
     fast_transpose(rows, in, input, in, input_t, rows);
-    std::fill(da, da + rows * in, T(0));
-    for (int64_t c0 = 0; c0 < out; c0 += kColumnBlock) {
+    const bool strips = packed.buffer != nullptr;
+    if constexpr (std::is_same_v<T, float>)
+      if (strips) {
+        made_strip_weight_grad(rows, input_t, dz, out, packed.grads[l], acc.strips.data(), true,
+                               scratch.data() + 3 * in * rows);
+        made_strip_product(rows, dz, out, packed.inputs[l], packed.buffer, da, in);
+      }
+    if (!strips) std::fill(da, da + rows * in, T(0));
+    for (int64_t c0 = 0; c0 < out && !strips; c0 += kColumnBlock) {
       const int64_t c1 = std::min(out, c0 + kColumnBlock), k = y.extent[c1 - 1];
       if (k == 0) continue;
       gemm(k, c1 - c0, rows, input_t, rows, dz + c0, out, acc.weight_t[l].data() + c0, out, true);
@@ -291,29 +330,44 @@ void backward(const MadeBackwardArgs<T>& a) {
   const int64_t slabs = (a.batch + rows - 1) / rows, L = a.num_layers;
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(num_threads(), slabs));
   std::vector<Accumulators<T>> acc(workers);
+  const BackwardStrips packed = backward_strips_of(a);
+  const bool strips = packed.buffer != nullptr;
   parallel_for(workers, 1, [&](int64_t begin, int64_t end) {
     std::vector<std::vector<T>> grads;
     std::vector<T> scratch;
     for (int64_t w = begin; w < end; ++w) {
       Accumulators<T>& mine = acc[w];
-      mine.weight_t.resize(L);
+      mine.weight_t.resize(strips ? 0 : L);
       mine.bias.resize(L);
       for (int64_t l = 0; l < L; ++l) {
-        mine.weight_t[l].assign(a.layers[l].in_units * a.layers[l].out_units, T(0));
+        if (!strips) mine.weight_t[l].assign(a.layers[l].in_units * a.layers[l].out_units, T(0));
         mine.bias[l].assign(a.layers[l].out_units, T(0));
       }
+      mine.strips.assign(packed.grad_floats, 0.0f);
       int64_t s0, s1;
       split_range(slabs, workers, w, s0, s1);
       for (int64_t s = s0; s < s1; ++s)
-        backward_slab(a, s * rows, std::min(rows, a.batch - s * rows), mine, grads, scratch);
+        backward_slab(a, s * rows, std::min(rows, a.batch - s * rows), mine, grads, scratch, packed);
     }
   });
+  if constexpr (std::is_same_v<T, float>)
+    if (strips) {
+      std::vector<const float*> sums;
+      for (const auto& w : acc) sums.push_back(w.strips.data());
+      parallel_for(L, 1, [&](int64_t l0, int64_t l1) {
+        for (int64_t l = l0; l < l1; ++l)
+          unpack_made_strips(packed.grads[l], sums.data(), static_cast<int64_t>(sums.size()), a.layers[l].in_units,
+                             a.grad_weight_t[l], a.layers[l].out_units);
+      });
+    }
   for (int64_t l = 0; l < L; ++l) {
     const int64_t size = a.layers[l].in_units * a.layers[l].out_units;
     T* dw = a.grad_weight_t[l];
-    std::fill(dw, dw + size, T(0));
-    for (const auto& w : acc)
-      for (int64_t e = 0; e < size; ++e) dw[e] += w.weight_t[l][e];
+    if (!strips) {
+      std::fill(dw, dw + size, T(0));
+      for (const auto& w : acc)
+        for (int64_t e = 0; e < size; ++e) dw[e] += w.weight_t[l][e];
+    }
     if (T* db = a.grad_bias[l]) {
       std::fill(db, db + a.layers[l].out_units, T(0));
       for (const auto& w : acc)

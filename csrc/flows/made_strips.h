@@ -1,6 +1,9 @@
-// The MADE forward's products on builds with the AVX2 strip kernel (common/strip_gemm.h): each layer's sorted,
-// masked, transposed weight packed into 16-column strips that keep only the rows their units can see, so the
-// masked-out blocks are skipped at 16-unit granularity, and a 6 x 16 register tile that starts from the bias.
+// The MADE's products on builds with the AVX2 strip kernel (common/strip_gemm.h). Units are sorted by degree, so
+// each masked weight is block-triangular; packed into 16-column strips that keep only the rows a strip can reach,
+// the products skip the masked-out blocks at 16-unit granularity and run a 6 x 16 register tile:
+//   forward   z  = a W^T + bias  strips over output units, rows [0, extent of the strip's last unit)
+//   backward  dA = dZ W          strips over input units, rows [first unit that reads them, out)
+//             dW^T += A^T dZ     accumulated in the forward's layout
 // One oneDNN micro-kernel call per 32-unit block and slab cost about half of a MAF forward at hidden 256 here.
 // Include only from kernel files (compiled once per ISA).
 #pragma once
@@ -14,44 +17,83 @@
 
 namespace fl::FL_ISA {
 
-// Where one layer's strips lie in a shared buffer (offsets in floats). Strip s holds the sorted units
-// [16 s, 16 s + 16) and the rows [0, extent of its last unit), each row 16 floats (zero past the last unit).
+// Where one layer's strips lie in a shared buffer (offsets in floats). Strip s holds the product's columns
+// [16 s, 16 s + 16) (zero past the last) and the rows [first[s], first[s] + rows(s)) of the right operand,
+// 16 floats per row.
 struct MadeStripLayout {
-  int64_t units = 0;
+  int64_t columns = 0;
   std::vector<int64_t> offset;  // [strips + 1]
-  int64_t bias_offset = 0;      // 16 floats per strip, zero past the last unit
+  std::vector<int64_t> first;   // [strips]
+  int64_t bias_offset = -1;     // 16 floats per strip, or -1: the product starts from zero
   int64_t end = 0;              // the first float past this layer
 
-  int64_t strips() const { return static_cast<int64_t>(offset.size()) - 1; }
+  int64_t strips() const { return static_cast<int64_t>(first.size()); }
   int64_t rows(int64_t s) const { return (offset[s + 1] - offset[s]) / kStripColumns; }
+
+  // Strip s reads rows [first(s), last(s)); sets the offsets from `begin` on.
+  template <typename First, typename Last>
+  void place(int64_t cols, int64_t begin, bool bias, First first_row, Last last_row) {
+    columns = cols;
+    const int64_t strips = (cols + kStripColumns - 1) / kStripColumns;
+    offset.assign(strips + 1, begin);
+    first.assign(strips, 0);
+    for (int64_t s = 0; s < strips; ++s) {
+      first[s] = first_row(s);
+      offset[s + 1] = offset[s] + std::max<int64_t>(0, last_row(s) - first[s]) * kStripColumns;
+    }
+    bias_offset = bias ? offset[strips] : -1;
+    end = offset[strips] + (bias ? strips * kStripColumns : 0);
+  }
 };
 
-inline MadeStripLayout made_strip_layout(int64_t out_units, const int64_t* extent, int64_t begin) {
+// The forward's W^T: output unit u reads inputs [0, extent[u]) (non-decreasing).
+inline MadeStripLayout made_output_strips(int64_t out_units, const int64_t* extent, int64_t begin, bool bias) {
   MadeStripLayout layout;
-  layout.units = out_units;
-  const int64_t strips = (out_units + kStripColumns - 1) / kStripColumns;
-  layout.offset.assign(strips + 1, begin);
-  for (int64_t s = 0; s < strips; ++s) {
-    const int64_t last = std::min(out_units, (s + 1) * kStripColumns) - 1;
-    layout.offset[s + 1] = layout.offset[s] + extent[last] * kStripColumns;
-  }
-  layout.bias_offset = layout.offset[strips];
-  layout.end = layout.bias_offset + strips * kStripColumns;
+  layout.place(out_units, begin, bias, [](int64_t) { return int64_t{0}; },
+               [&](int64_t s) { return extent[std::min(out_units, (s + 1) * kStripColumns) - 1]; });
   return layout;
 }
 
-// weight_t [in, out] (row-major, sorted and masked) and bias [out] (or null) into `buffer` at the layout.
-inline void pack_made_strips(const MadeStripLayout& layout, const float* weight_t, const float* bias, float* buffer) {
-  const int64_t out = layout.units;
+// The backward's W: input unit i is read by the output units o with extent[o] > i, a suffix of them.
+inline MadeStripLayout made_input_strips(int64_t in_units, int64_t out_units, const int64_t* extent, int64_t begin) {
+  MadeStripLayout layout;
+  layout.place(in_units, begin, false,
+               [&](int64_t s) { return std::upper_bound(extent, extent + out_units, s * kStripColumns) - extent; },
+               [&](int64_t) { return out_units; });
+  return layout;
+}
+
+// B [K x columns] (row-major, rows ldb apart) and bias [columns] (or null) into `buffer` at the layout.
+inline void pack_made_strips(const MadeStripLayout& layout, const float* B, int64_t ldb, const float* bias,
+                             float* buffer) {
   for (int64_t s = 0; s < layout.strips(); ++s) {
-    const int64_t c0 = s * kStripColumns, cols = std::min(kStripColumns, out - c0);
+    const int64_t c0 = s * kStripColumns, cols = std::min(kStripColumns, layout.columns - c0);
     float* strip = buffer + layout.offset[s];
     for (int64_t k = 0; k < layout.rows(s); ++k) {
-      std::memcpy(strip + k * kStripColumns, weight_t + k * out + c0, sizeof(float) * cols);
+      std::memcpy(strip + k * kStripColumns, B + (layout.first[s] + k) * ldb + c0, sizeof(float) * cols);
       std::fill(strip + k * kStripColumns + cols, strip + (k + 1) * kStripColumns, 0.0f);
     }
-    float* b = buffer + layout.bias_offset + c0;
-    for (int64_t c = 0; c < kStripColumns; ++c) b[c] = (bias && c < cols) ? bias[c0 + c] : 0.0f;
+    if (layout.bias_offset >= 0) {
+      float* b = buffer + layout.bias_offset + c0;
+      for (int64_t c = 0; c < kStripColumns; ++c) b[c] = (bias && c < cols) ? bias[c0 + c] : 0.0f;
+    }
+  }
+}
+
+// The transpose of pack_made_strips for a layout without bias: dst [K x columns] (rows ldd apart) = the sum of
+// `count` buffers laid out alike, zero outside the strips.
+inline void unpack_made_strips(const MadeStripLayout& layout, const float* const* buffers, int64_t count,
+                               int64_t K, float* dst, int64_t ldd) {
+  for (int64_t k = 0; k < K; ++k) std::fill(dst + k * ldd, dst + k * ldd + layout.columns, 0.0f);
+  for (int64_t s = 0; s < layout.strips(); ++s) {
+    const int64_t c0 = s * kStripColumns, cols = std::min(kStripColumns, layout.columns - c0);
+    for (int64_t k = 0; k < layout.rows(s); ++k) {
+      float* row = dst + (layout.first[s] + k) * ldd + c0;
+      for (int64_t b = 0; b < count; ++b) {
+        const float* src = buffers[b] + layout.offset[s] + k * kStripColumns;
+        for (int64_t c = 0; c < cols; ++c) row[c] += src[c];
+      }
+    }
   }
 }
 
@@ -69,14 +111,16 @@ struct Columns {
   }
 };
 
-// C[kRows x cols] = (first ? bias : C) + A[kRows x K] strip[K x 16]. Loops over the rows are unrolled and
-// branch-free so that the 12 accumulators stay in registers (see strip_gemm.h).
+// How a tile's accumulators start: from a 16-float row (a bias or zeros), or from C.
+enum class Start { row, c };
+
+// C[kRows x cols] = (start == row ? init : C) + A[kRows x K] B[K x 16] (B's rows ldb apart).
 template <int kRows>
-inline void tile(int64_t K, const float* A, int64_t lda, const float* strip, const float* bias, float* C,
-                 int64_t ldc, bool first, const Columns& cols) {
+inline void tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, Start start, const float* init,
+                 float* C, int64_t ldc, const Columns& cols) {
   __m256 lo[kRows], hi[kRows];
-  if (first) {
-    const __m256 b_lo = _mm256_loadu_ps(bias), b_hi = _mm256_loadu_ps(bias + 8);
+  if (start == Start::row) {
+    const __m256 b_lo = _mm256_loadu_ps(init), b_hi = _mm256_loadu_ps(init + 8);
 #pragma GCC unroll 6
     for (int r = 0; r < kRows; ++r) {
       lo[r] = b_lo;
@@ -95,7 +139,7 @@ inline void tile(int64_t K, const float* A, int64_t lda, const float* strip, con
       hi[r] = _mm256_maskload_ps(C + r * ldc + 8, cols.hi);
     }
   }
-  strip_detail::fma_rows<kRows>(K, A, lda, strip, lo, hi);
+  strip_detail::fma_rows<kRows>(K, A, lda, B, ldb, lo, hi);
   if (cols.full) {
 #pragma GCC unroll 6
     for (int r = 0; r < kRows; ++r) {
@@ -111,42 +155,71 @@ inline void tile(int64_t K, const float* A, int64_t lda, const float* strip, con
   }
 }
 
-inline void rows_tile(int64_t rows, int64_t K, const float* A, int64_t lda, const float* strip, const float* bias,
-                      float* C, int64_t ldc, bool first, const Columns& cols) {
-  switch (rows) {
-    case 6: return tile<6>(K, A, lda, strip, bias, C, ldc, first, cols);
-    case 5: return tile<5>(K, A, lda, strip, bias, C, ldc, first, cols);
-    case 4: return tile<4>(K, A, lda, strip, bias, C, ldc, first, cols);
-    case 3: return tile<3>(K, A, lda, strip, bias, C, ldc, first, cols);
-    case 2: return tile<2>(K, A, lda, strip, bias, C, ldc, first, cols);
-    default: return tile<1>(K, A, lda, strip, bias, C, ldc, first, cols);
+// All rows of a product, six at a time.
+inline void tiles(int64_t rows, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, Start start,
+                  const float* init, float* C, int64_t ldc, const Columns& cols) {
+  int64_t m0 = 0;
+  for (; m0 + 6 <= rows; m0 += 6) tile<6>(K, A + m0 * lda, lda, B, ldb, start, init, C + m0 * ldc, ldc, cols);
+  A += m0 * lda;
+  C += m0 * ldc;
+  switch (rows - m0) {
+    case 5: return tile<5>(K, A, lda, B, ldb, start, init, C, ldc, cols);
+    case 4: return tile<4>(K, A, lda, B, ldb, start, init, C, ldc, cols);
+    case 3: return tile<3>(K, A, lda, B, ldb, start, init, C, ldc, cols);
+    case 2: return tile<2>(K, A, lda, B, ldb, start, init, C, ldc, cols);
+    case 1: return tile<1>(K, A, lda, B, ldb, start, init, C, ldc, cols);
+    default: return;
   }
 }
 
 }  // namespace made_strip_detail
 
-// z[rows x out] = A[rows x in] W^T + bias for one layer packed at `layout` in `buffer`; strip s reads only the
-// first rows(s) inputs. K is taken in chunks that keep a strip's rows in L1.
+// C[rows x columns] = A[rows x K] B (+ bias) for one layer packed at `layout` in `buffer`: strip s reads only the
+// columns [first(s), first(s) + rows(s)) of A. K is taken in chunks that keep a strip's rows in L1.
 inline void made_strip_product(int64_t rows, const float* A, int64_t lda, const MadeStripLayout& layout,
-                               const float* buffer, float* z, int64_t ldz) {
+                               const float* buffer, float* C, int64_t ldc) {
+  using namespace made_strip_detail;
+  alignas(32) static const float kZeros[kStripColumns] = {};
   for (int64_t s = 0; s < layout.strips(); ++s) {
     const int64_t c0 = s * kStripColumns, K = layout.rows(s);
-    const made_strip_detail::Columns cols(std::min(kStripColumns, layout.units - c0));
+    const Columns cols(std::min(kStripColumns, layout.columns - c0));
     const float* strip = buffer + layout.offset[s];
-    const float* bias = buffer + layout.bias_offset + c0;
+    const float* init = layout.bias_offset >= 0 ? buffer + layout.bias_offset + c0 : kZeros;
     int64_t k0 = 0;
-    do {  // once even when K is 0: the bias alone
+    do {  // once even when K is 0: the bias (or zeros) alone
       const int64_t kb = std::min(kStripChunk, K - k0);
-      for (int64_t m0 = 0; m0 < rows; m0 += 6)
-        made_strip_detail::rows_tile(std::min<int64_t>(6, rows - m0), kb, A + m0 * lda + k0, lda,
-                                     strip + k0 * kStripColumns, bias, z + m0 * ldz + c0, ldz, k0 == 0, cols);
+      tiles(rows, kb, A + layout.first[s] + k0, lda, strip + k0 * kStripColumns, kStripColumns,
+            k0 == 0 ? Start::row : Start::c, init, C + c0, ldc, cols);
       k0 += kb;
     } while (k0 < K);
+  }
+}
+
+// The weight gradient of one slab: acc (the forward's layout, without bias) (+)= input_t[:, 0:rows] dz over the
+// slab's `rows` samples; input_t is [in x rows], dz [rows x columns] (rows ldz apart). `pad` holds rows x 16
+// floats: each strip's columns of dz are copied there (zero past the last column), since rows 1 or 2 KiB apart
+// would share a few L1 sets and miss on every tile that passes over them.
+inline void made_strip_weight_grad(int64_t rows, const float* input_t, const float* dz, int64_t ldz,
+                                   const MadeStripLayout& layout, float* acc, bool accumulate, float* pad) {
+  using namespace made_strip_detail;
+  alignas(32) static const float kZeros[kStripColumns] = {};
+  const Columns full(kStripColumns);
+  for (int64_t s = 0; s < layout.strips(); ++s) {
+    const int64_t c0 = s * kStripColumns, cols = std::min(kStripColumns, layout.columns - c0);
+    if (layout.rows(s) == 0) continue;
+    for (int64_t r = 0; r < rows; ++r) {
+      std::memcpy(pad + r * kStripColumns, dz + r * ldz + c0, sizeof(float) * cols);
+      std::fill(pad + r * kStripColumns + cols, pad + (r + 1) * kStripColumns, 0.0f);
+    }
+    tiles(layout.rows(s), rows, input_t, rows, pad, kStripColumns, accumulate ? Start::c : Start::row, kZeros,
+          acc + layout.offset[s], kStripColumns, full);
   }
 }
 #else
 inline void made_strip_product(int64_t, const float*, int64_t, const MadeStripLayout&, const float*, float*,
                                int64_t) {}
+inline void made_strip_weight_grad(int64_t, const float*, const float*, int64_t, const MadeStripLayout&, float*,
+                                   bool, float*) {}
 #endif
 
 }  // namespace fl::FL_ISA
