@@ -190,6 +190,28 @@ def test_fused_forward_float32_shapes(features, hidden, batch, residual, context
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
+def test_fused_forward_float32_logdet_over_a_wide_range_of_scales():
+    """The float32 kernels take their own vectorised log: scales from the epsilon floor (1e-3) to 1e4 against
+    float64, and NaN scales (those lanes take the library log) where the composed path gives NaN."""
+    torch.manual_seed(0)
+    t = flows.MaskedAffineAutoregressiveTransform(24, 32, use_residual_blocks=False)
+    with torch.no_grad():
+        final = t.autoregressive_net.final_layer
+        final.weight.zero_()
+        final.bias.copy_(torch.linspace(-40, 1e4, final.bias.numel()))
+    x = torch.randn(300, 24)
+    fused = made_plan.made_forward(t.autoregressive_net, x, None, t._epsilon)
+    reference = t.double()._forward_composed(x.double(), None)
+    torch.testing.assert_close(fused[1].double(), reference[1], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(fused[0].double(), reference[0], rtol=1e-5, atol=1e-3)  # outputs up to 1e4
+    x = torch.randn(8, 2)
+    x[3, 0] = float("inf")  # feature 2 reads feature 1: inf times zero weights, NaN on both paths
+    t2 = make_transform(2).float()
+    fused = made_plan.made_forward(t2.autoregressive_net, x, None, t2._epsilon)
+    composed = t2._forward_composed(x, None)
+    torch.testing.assert_close(fused[1], composed[1], rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 def test_fused_forward_gradcheck():
     t = make_transform(3, context_features=2)
     x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)

@@ -4,6 +4,7 @@
 #include "flows/coupling_kernel.h"
 
 #include "common/parallel.h"
+#include "common/vec_math.h"
 #include "flows/flow_math.h"
 
 #include <ATen/cpu/vec/functional.h>
@@ -52,7 +53,7 @@ void forward(const CouplingArgs<T>& a) {
       const Vec out = a.inverse ? (load(x + e, w) - load(shift + e, w)) / scale
                                 : at::vec::fmadd(load(x + e, w), scale, load(shift + e, w));
       out.store(y + e, w);
-      log_sum = log_sum + Vec::set(Vec(0), scale.log(), w);  // lanes past the row's end add nothing
+      log_sum = log_sum + Vec::set(Vec(0), log_(scale), w);  // lanes past the row's end add nothing
     }
     const T total = at::vec::vec_reduce_all<T>([](const Vec& p, const Vec& q) { return p + q; }, log_sum);
     a.logabsdet[n] = a.inverse ? -total : total;
