@@ -93,9 +93,15 @@ struct SlabRows {
       const MadeLayer<T>& y = a.layers[l];
       own[3 * l + 1].resize(y.act_in ? kRows * y.in_units : 0);  // activated inputs are never saved
       activated[l] = own[3 * l + 1].data();
-      if (a.save) {
+      if (a.save && (y.pre || !y.act_out)) {
         dst[l] = y.dst + n0 * y.out_units;
         pre[l] = y.act_out ? y.pre + n0 * y.out_units : nullptr;
+        continue;
+      }
+      if (a.save) {  // a relu layer without residual: the backward finds relu' from the output, pre stays here
+        own[3 * l + 2].resize(kRows * y.out_units);
+        dst[l] = y.dst + n0 * y.out_units;
+        pre[l] = own[3 * l + 2].data();
         continue;
       }
       own[3 * l].resize(kRows * y.out_units);
@@ -178,10 +184,13 @@ void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows, int64_t
       activate(act, input, slab.activated[l], rows * in);
       input = slab.activated[l];
     }
-    T* z = y.act_out ? slab.pre[l] : slab.dst[l];
     const bool strips = packed.buffer != nullptr;  // the strips add the bias
+    // relu straight from the tiles' registers when nothing else comes between the product and it
+    const bool tile_relu = strips && y.act_out && act == MadeActivation::relu && !y.context && y.residual < 0;
+    T* z = y.act_out && !tile_relu ? slab.pre[l] : slab.dst[l];
     if constexpr (std::is_same_v<T, float>)
-      if (strips) made_strip_product(rows, input, in, packed.layouts[l], packed.buffer, z, out);
+      if (strips) made_strip_product(rows, input, in, packed.layouts[l], packed.buffer, z, out, tile_relu);
+    if (tile_relu) continue;
     for (int64_t c0 = 0; c0 < out && !strips; c0 += kColumnBlock) {
       const int64_t c1 = std::min(out, c0 + kColumnBlock), k = y.extent[c1 - 1];
       if (k > 0)
@@ -276,7 +285,10 @@ void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accum
       T* dres = grads[y.residual].data();
       for (int64_t e = 0; e < rows * out; ++e) dres[e] += dz[e];
     }
-    if (y.act_out) {
+    if (y.act_out && !y.pre) {  // relu without residual (made_ops): relu'(pre) from relu(pre) itself
+      const T* relu = y.dst + n0 * out;
+      for (int64_t e = 0; e < rows * out; ++e) dz[e] = (relu[e] > T(0) || relu[e] != relu[e]) ? dz[e] : T(0);
+    } else if (y.act_out) {
       const T* pre = y.pre + n0 * out;
       if (act == MadeActivation::relu)
         for (int64_t e = 0; e < rows * out; ++e) dz[e] = (pre[e] > T(0) || pre[e] != pre[e]) ? dz[e] : T(0);

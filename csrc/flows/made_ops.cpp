@@ -379,7 +379,9 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> made_forward_cpu(
   std::vector<Tensor> saved;
   for (size_t l = 0; l < net.weight.size(); ++l) {
     saved.push_back(at::empty({rows, net.out_units[l]}, inputs.options()));
-    saved.push_back(at::empty({net.act_out[l] ? rows : 0, net.out_units[l]}, inputs.options()));
+    // A relu layer without residual saves no pre-activation: relu' is read from its output.
+    const bool pre = net.act_out[l] && !(activation == 0 && net.residual[l] < 0);
+    saved.push_back(at::empty({pre ? rows : 0, net.out_units[l]}, inputs.options()));
   }
   Tensor outputs = at::empty_like(inputs), logabsdet = at::empty({N}, inputs.options());
   AT_DISPATCH_FLOATING_TYPES(inputs.scalar_type(), "made_forward", [&] {

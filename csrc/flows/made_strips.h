@@ -117,7 +117,7 @@ enum class Start { row, c };
 // C[kRows x cols] = (start == row ? init : C) + A[kRows x K] B[K x 16] (B's rows ldb apart).
 template <int kRows>
 inline void tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, Start start, const float* init,
-                 float* C, int64_t ldc, const Columns& cols) {
+                 float* C, int64_t ldc, const Columns& cols, bool relu) {
   __m256 lo[kRows], hi[kRows];
   if (start == Start::row) {
     const __m256 b_lo = _mm256_loadu_ps(init), b_hi = _mm256_loadu_ps(init + 8);
@@ -140,6 +140,14 @@ inline void tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t
     }
   }
   strip_detail::fma_rows<kRows>(K, A, lda, B, ldb, lo, hi);
+  if (relu) {  // max(0, x) returns x where x is NaN, as torch.relu does
+    const __m256 zero = _mm256_setzero_ps();
+#pragma GCC unroll 6
+    for (int r = 0; r < kRows; ++r) {
+      lo[r] = _mm256_max_ps(zero, lo[r]);
+      hi[r] = _mm256_max_ps(zero, hi[r]);
+    }
+  }
   if (cols.full) {
 #pragma GCC unroll 6
     for (int r = 0; r < kRows; ++r) {
@@ -157,27 +165,28 @@ inline void tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t
 
 // All rows of a product, six at a time.
 inline void tiles(int64_t rows, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, Start start,
-                  const float* init, float* C, int64_t ldc, const Columns& cols) {
+                  const float* init, float* C, int64_t ldc, const Columns& cols, bool relu) {
   int64_t m0 = 0;
-  for (; m0 + 6 <= rows; m0 += 6) tile<6>(K, A + m0 * lda, lda, B, ldb, start, init, C + m0 * ldc, ldc, cols);
+  for (; m0 + 6 <= rows; m0 += 6) tile<6>(K, A + m0 * lda, lda, B, ldb, start, init, C + m0 * ldc, ldc, cols, relu);
   A += m0 * lda;
   C += m0 * ldc;
   switch (rows - m0) {
-    case 5: return tile<5>(K, A, lda, B, ldb, start, init, C, ldc, cols);
-    case 4: return tile<4>(K, A, lda, B, ldb, start, init, C, ldc, cols);
-    case 3: return tile<3>(K, A, lda, B, ldb, start, init, C, ldc, cols);
-    case 2: return tile<2>(K, A, lda, B, ldb, start, init, C, ldc, cols);
-    case 1: return tile<1>(K, A, lda, B, ldb, start, init, C, ldc, cols);
+    case 5: return tile<5>(K, A, lda, B, ldb, start, init, C, ldc, cols, relu);
+    case 4: return tile<4>(K, A, lda, B, ldb, start, init, C, ldc, cols, relu);
+    case 3: return tile<3>(K, A, lda, B, ldb, start, init, C, ldc, cols, relu);
+    case 2: return tile<2>(K, A, lda, B, ldb, start, init, C, ldc, cols, relu);
+    case 1: return tile<1>(K, A, lda, B, ldb, start, init, C, ldc, cols, relu);
     default: return;
   }
 }
 
 }  // namespace made_strip_detail
 
-// C[rows x columns] = A[rows x K] B (+ bias) for one layer packed at `layout` in `buffer`: strip s reads only the
-// columns [first(s), first(s) + rows(s)) of A. K is taken in chunks that keep a strip's rows in L1.
+// C[rows x columns] = A[rows x K] B (+ bias), then relu if asked, for one layer packed at `layout` in `buffer`:
+// strip s reads only the columns [first(s), first(s) + rows(s)) of A. K is taken in chunks that keep a strip's
+// rows in L1.
 inline void made_strip_product(int64_t rows, const float* A, int64_t lda, const MadeStripLayout& layout,
-                               const float* buffer, float* C, int64_t ldc) {
+                               const float* buffer, float* C, int64_t ldc, bool relu = false) {
   using namespace made_strip_detail;
   alignas(32) static const float kZeros[kStripColumns] = {};
   for (int64_t s = 0; s < layout.strips(); ++s) {
@@ -189,7 +198,7 @@ inline void made_strip_product(int64_t rows, const float* A, int64_t lda, const 
     do {  // once even when K is 0: the bias (or zeros) alone
       const int64_t kb = std::min(kStripChunk, K - k0);
       tiles(rows, kb, A + layout.first[s] + k0, lda, strip + k0 * kStripColumns, kStripColumns,
-            k0 == 0 ? Start::row : Start::c, init, C + c0, ldc, cols);
+            k0 == 0 ? Start::row : Start::c, init, C + c0, ldc, cols, relu && k0 + kb >= K);
       k0 += kb;
     } while (k0 < K);
   }
@@ -212,12 +221,12 @@ inline void made_strip_weight_grad(int64_t rows, const float* input_t, const flo
       std::fill(pad + r * kStripColumns + cols, pad + (r + 1) * kStripColumns, 0.0f);
     }
     tiles(layout.rows(s), rows, input_t, rows, pad, kStripColumns, accumulate ? Start::c : Start::row, kZeros,
-          acc + layout.offset[s], kStripColumns, full);
+          acc + layout.offset[s], kStripColumns, full, false);
   }
 }
 #else
 inline void made_strip_product(int64_t, const float*, int64_t, const MadeStripLayout&, const float*, float*,
-                               int64_t) {}
+                               int64_t, bool = false) {}
 inline void made_strip_weight_grad(int64_t, const float*, const float*, int64_t, const MadeStripLayout&, float*,
                                    bool, float*) {}
 #endif

@@ -18,8 +18,9 @@ def _made_forward_fake(inputs, weights, masks, in_perms, out_perms, biases, cont
     batch = inputs.shape[0] if save else 0
     saved = []
     for n, w in enumerate(weights):
-        act_out = layer_info[4 * n + 3]
-        saved += [inputs.new_empty(batch, w.shape[0]), inputs.new_empty(batch if act_out else 0, w.shape[0])]
+        residual, act_out = layer_info[4 * n + 1], layer_info[4 * n + 3]
+        pre = act_out and not (activation == 0 and residual < 0)  # relu' of a plain relu layer: from its output
+        saved += [inputs.new_empty(batch, w.shape[0]), inputs.new_empty(batch if pre else 0, w.shape[0])]
     return inputs.new_empty(inputs.shape), inputs.new_empty(inputs.shape[0]), saved
 
 
