@@ -11,7 +11,6 @@ namespace fl {
 
 enum class WorkspaceSlot : int { w_ih, w_hh, w_hr, gates, raw, state_h, state_c, left, product, hidden_prev, grad,
                                gemm_b,  // the GEMM engine's contiguous copies of B panels
-                               made_strips,  // a MADE's weights as strips (flows/made_strips.h)
                                count };
 
 // An uninitialised buffer of `count` elements, 64-byte aligned, valid until the next call with the same slot

@@ -11,7 +11,6 @@
 #include "common/transpose_kernel.h"
 #include "common/vec_math.h"
 #include "common/parallel.h"
-#include "common/workspace.h"
 #include "flows/flow_math.h"
 #include "flows/made_strips.h"
 
@@ -112,66 +111,57 @@ struct SlabRows {
   }
 };
 
-// Every layer's weight as strips (made_strips.h), packed once per call: float on AVX2-only builds; empty
-// elsewhere (the products then go to the GEMM engine).
-struct PackedStrips {
+// The layouts of the layers' strips (when the op layer packed them: float on AVX2-only builds) and their
+// biases padded for the tiles.
+struct ForwardStrips {
+  bool on = false;
   std::vector<MadeStripLayout> layouts;
-  const float* buffer = nullptr;
+  std::vector<std::vector<float>> biases;  // empty: no bias
 };
 
 template <typename T>
-PackedStrips pack_strips_of(const MadeForwardArgs<T>& a) {
-  PackedStrips packed;
+ForwardStrips forward_strips_of(const MadeForwardArgs<T>& a) {
+  ForwardStrips st;
   if constexpr (std::is_same_v<T, float> && kStripPanels) {
-    int64_t end = 0;
-    for (int64_t l = 0; l < a.num_layers; ++l) {
+    st.on = std::all_of(a.layers, a.layers + a.num_layers, [](const MadeLayer<T>& y) { return y.output_strips; });
+    for (int64_t l = 0; l < a.num_layers && st.on; ++l) {
       const MadeLayer<T>& y = a.layers[l];
-      packed.layouts.push_back(made_output_strips(y.out_units, y.extent, end, y.bias != nullptr));
-      end = packed.layouts.back().end;
+      st.layouts.push_back(made_output_strips(y.out_units, y.extent));
+      st.biases.emplace_back(y.bias ? st.layouts.back().strips() * kStripColumns : 0);
+      if (y.bias) pad_strip_bias(st.layouts.back(), y.bias, st.biases.back().data());
     }
-    float* buffer = workspace<float>(WorkspaceSlot::made_strips, static_cast<size_t>(end));
-    parallel_for(a.num_layers, 1, [&](int64_t l0, int64_t l1) {
-      for (int64_t l = l0; l < l1; ++l)
-        pack_made_strips(packed.layouts[l], a.layers[l].weight_t, a.layers[l].out_units, a.layers[l].bias, buffer);
-    });
-    packed.buffer = buffer;
   }
-  return packed;
+  return st;
 }
 
-// The backward's strips: each layer's W over its input units (dA = dZ W), and where each worker sums its weight
-// gradient (the forward's layout, without bias).
+// The backward's layouts: each layer's W over its input units (dA = dZ W), and where each worker sums its weight
+// gradient (the forward's layout) in one buffer.
 struct BackwardStrips {
+  bool on = false;
   std::vector<MadeStripLayout> inputs, grads;
+  std::vector<int64_t> grad_offset;
   int64_t grad_floats = 0;
-  const float* buffer = nullptr;
 };
 
 template <typename T>
 BackwardStrips backward_strips_of(const MadeBackwardArgs<T>& a) {
-  BackwardStrips packed;
+  BackwardStrips st;
   if constexpr (std::is_same_v<T, float> && kStripPanels) {
-    int64_t end = 0;
-    for (int64_t l = 0; l < a.num_layers; ++l) {
+    st.on = std::all_of(a.layers, a.layers + a.num_layers, [](const MadeLayer<T>& y) { return y.input_strips; });
+    for (int64_t l = 0; l < a.num_layers && st.on; ++l) {
       const MadeLayer<T>& y = a.layers[l];
-      packed.inputs.push_back(made_input_strips(y.in_units, y.out_units, y.extent, end));
-      end = packed.inputs.back().end;
-      packed.grads.push_back(made_output_strips(y.out_units, y.extent, packed.grad_floats, false));
-      packed.grad_floats = packed.grads.back().end;
+      st.inputs.push_back(made_input_strips(y.in_units, y.out_units, y.extent));
+      st.grads.push_back(made_output_strips(y.out_units, y.extent));
+      st.grad_offset.push_back(st.grad_floats);
+      st.grad_floats += st.grads.back().floats();
     }
-    float* buffer = workspace<float>(WorkspaceSlot::made_strips, static_cast<size_t>(end));
-    parallel_for(a.num_layers, 1, [&](int64_t l0, int64_t l1) {
-      for (int64_t l = l0; l < l1; ++l)
-        pack_made_strips(packed.inputs[l], a.layers[l].weight, a.layers[l].in_units, nullptr, buffer);
-    });
-    packed.buffer = buffer;
   }
-  return packed;
+  return st;
 }
 
 template <typename T>
 void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows, int64_t slab_size, SlabRows<T>& slab,
-                  const PackedStrips& packed) {
+                  const ForwardStrips& st) {
   const auto act = static_cast<MadeActivation>(a.activation);
   const int64_t D = a.features;
   slab.point(a, n0, slab_size);
@@ -184,12 +174,14 @@ void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows, int64_t
       activate(act, input, slab.activated[l], rows * in);
       input = slab.activated[l];
     }
-    const bool strips = packed.buffer != nullptr;  // the strips add the bias
+    const bool strips = st.on;  // the strips add the bias
     // relu straight from the tiles' registers when nothing else comes between the product and it
     const bool tile_relu = strips && y.act_out && act == MadeActivation::relu && !y.context && y.residual < 0;
     T* z = y.act_out && !tile_relu ? slab.pre[l] : slab.dst[l];
     if constexpr (std::is_same_v<T, float>)
-      if (strips) made_strip_product(rows, input, in, packed.layouts[l], packed.buffer, z, out, tile_relu);
+      if (strips)
+        made_strip_product(rows, input, in, st.layouts[l], y.output_strips,
+                           st.biases[l].empty() ? nullptr : st.biases[l].data(), z, out, tile_relu);
     if (tile_relu) continue;
     for (int64_t c0 = 0; c0 < out && !strips; c0 += kColumnBlock) {
       const int64_t c1 = std::min(out, c0 + kColumnBlock), k = y.extent[c1 - 1];
@@ -235,11 +227,11 @@ template <typename T>
 void forward(const MadeForwardArgs<T>& a) {
   const int64_t rows = slab_rows(a.layers, a.num_layers, a.batch);
   const int64_t slabs = (a.batch + rows - 1) / rows;
-  const PackedStrips packed = pack_strips_of(a);
+  const ForwardStrips st = forward_strips_of(a);
   parallel_for(slabs, 1, [&](int64_t begin, int64_t end) {
     SlabRows<T> slab;
     for (int64_t s = begin; s < end; ++s)
-      forward_slab(a, s * rows, std::min(rows, a.batch - s * rows), rows, slab, packed);
+      forward_slab(a, s * rows, std::min(rows, a.batch - s * rows), rows, slab, st);
   });
 }
 
@@ -252,7 +244,7 @@ struct Accumulators {
 
 template <typename T>
 void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accumulators<T>& acc,
-                   std::vector<std::vector<T>>& grads, std::vector<T>& scratch, const BackwardStrips& packed) {
+                   std::vector<std::vector<T>>& grads, std::vector<T>& scratch, const BackwardStrips& st) {
   const auto act = static_cast<MadeActivation>(a.activation);
   const int64_t D = a.features, L = a.num_layers;
   // grads[0]: dx; grads[l + 1]: d(dst of layer l), each [rows, units].
@@ -311,12 +303,12 @@ void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accum
       input = activated;
     }
     fast_transpose(rows, in, input, in, input_t, rows);
-    const bool strips = packed.buffer != nullptr;
+    const bool strips = st.on;
     if constexpr (std::is_same_v<T, float>)
       if (strips) {
-        made_strip_weight_grad(rows, input_t, dz, out, packed.grads[l], acc.strips.data(), true,
+        made_strip_weight_grad(rows, input_t, dz, out, st.grads[l], acc.strips.data() + st.grad_offset[l], true,
                                scratch.data() + 3 * in * rows);
-        made_strip_product(rows, dz, out, packed.inputs[l], packed.buffer, da, in);
+        made_strip_product(rows, dz, out, st.inputs[l], y.input_strips, nullptr, da, in);
       }
     if (!strips) std::fill(da, da + rows * in, T(0));
     for (int64_t c0 = 0; c0 < out && !strips; c0 += kColumnBlock) {
@@ -342,8 +334,8 @@ void backward(const MadeBackwardArgs<T>& a) {
   const int64_t slabs = (a.batch + rows - 1) / rows, L = a.num_layers;
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(num_threads(), slabs));
   std::vector<Accumulators<T>> acc(workers);
-  const BackwardStrips packed = backward_strips_of(a);
-  const bool strips = packed.buffer != nullptr;
+  const BackwardStrips st = backward_strips_of(a);
+  const bool strips = st.on;
   parallel_for(workers, 1, [&](int64_t begin, int64_t end) {
     std::vector<std::vector<T>> grads;
     std::vector<T> scratch;
@@ -355,21 +347,23 @@ void backward(const MadeBackwardArgs<T>& a) {
         if (!strips) mine.weight_t[l].assign(a.layers[l].in_units * a.layers[l].out_units, T(0));
         mine.bias[l].assign(a.layers[l].out_units, T(0));
       }
-      mine.strips.assign(packed.grad_floats, 0.0f);
+      mine.strips.assign(st.grad_floats, 0.0f);
       int64_t s0, s1;
       split_range(slabs, workers, w, s0, s1);
       for (int64_t s = s0; s < s1; ++s)
-        backward_slab(a, s * rows, std::min(rows, a.batch - s * rows), mine, grads, scratch, packed);
+        backward_slab(a, s * rows, std::min(rows, a.batch - s * rows), mine, grads, scratch, st);
     }
   });
   if constexpr (std::is_same_v<T, float>)
     if (strips) {
-      std::vector<const float*> sums;
-      for (const auto& w : acc) sums.push_back(w.strips.data());
       parallel_for(L, 1, [&](int64_t l0, int64_t l1) {
-        for (int64_t l = l0; l < l1; ++l)
-          unpack_made_strips(packed.grads[l], sums.data(), static_cast<int64_t>(sums.size()), a.layers[l].in_units,
+        std::vector<const float*> sums;
+        for (int64_t l = l0; l < l1; ++l) {
+          sums.clear();
+          for (const auto& w : acc) sums.push_back(w.strips.data() + st.grad_offset[l]);
+          unpack_made_strips(st.grads[l], sums.data(), static_cast<int64_t>(sums.size()), a.layers[l].in_units,
                              a.grad_weight_t[l], a.layers[l].out_units);
+        }
       });
     }
   for (int64_t l = 0; l < L; ++l) {
@@ -389,6 +383,23 @@ void backward(const MadeBackwardArgs<T>& a) {
 }
 
 }  // namespace
+
+void made_strip_floats(int64_t in_units, int64_t out_units, const int64_t* extent, bool over_inputs, int64_t& floats) {
+  floats = 0;
+  if constexpr (kStripPanels) {
+    const MadeStripLayout layout = over_inputs ? made_input_strips(in_units, out_units, extent)
+                                               : made_output_strips(out_units, extent);
+    floats = layout.floats() + kStripColumns;  // never 0: a layer whose units read nothing still has strips
+  }
+}
+
+void made_pack_strips(const float* sorted_weight, int64_t in_units, int64_t out_units, const int64_t* extent,
+                      bool over_inputs, float* out) {
+  if (over_inputs)  // B = W [out x in]
+    pack_made_strips(made_input_strips(in_units, out_units, extent), sorted_weight, in_units, 1, out);
+  else  // B = W^T [in x out]
+    pack_made_strips(made_output_strips(out_units, extent), sorted_weight, 1, in_units, out);
+}
 
 void made_forward(const MadeForwardArgs<float>& args) { forward(args); }
 void made_forward(const MadeForwardArgs<double>& args) { forward(args); }

@@ -60,6 +60,10 @@ struct MadeLayer {
   const T* bias = nullptr;         // [out_units] or null
   const T* context = nullptr;      // [batch, out_units] or null
   const int64_t* extent = nullptr; // [out_units], non-decreasing
+  // float, on CPUs whose build runs the strip kernel (flows/made_strips.h), else null: the weight packed once by
+  // the op layer (made_pack_strips) as the forward's W^T over output units and the backward's W over input units.
+  const float* output_strips = nullptr;
+  const float* input_strips = nullptr;
   // Saved by the forward, read by the backward ([batch, units] each): the layer's output and its
   // pre-activation output (act_out only). An activated input is recomputed from its source.
   T* dst = nullptr;
@@ -93,9 +97,16 @@ struct MadeBackwardArgs {
   T* const* grad_context = nullptr;   // per layer [batch, out_units] or null
 };
 
+// made_strip_floats: how many floats made_pack_strips writes for a layer (sorted weight [out_units, in_units]),
+// 0 where this build packs no strips (then the kernels take the GEMM engine).
+
 }  // namespace fl
 
 #define FL_MADE_KERNEL_DECLS                                            \
+  void made_strip_floats(int64_t in_units, int64_t out_units, const int64_t* extent, bool over_inputs, \
+                         int64_t& floats);                                 \
+  void made_pack_strips(const float* sorted_weight, int64_t in_units, int64_t out_units, const int64_t* extent, \
+                        bool over_inputs, float* out);                     \
   void made_inverse(const ::fl::MadeInverseArgs<float>& args);          \
   void made_inverse(const ::fl::MadeInverseArgs<double>& args);         \
   void made_forward(const ::fl::MadeForwardArgs<float>& args);          \

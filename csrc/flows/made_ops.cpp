@@ -151,7 +151,9 @@ bool present(const Tensor& t) { return t.defined() && t.numel() > 0; }
 struct MadeNet {
   std::vector<int64_t> src, residual, act_in, act_out, in_units, out_units;
   std::vector<Tensor> weight, weight_t, extent;  // sorted: [out, in], [in, out], inputs read per output unit
+  std::vector<Tensor> output_strips, input_strips;  // float on strip-kernel builds (made_kernel.h), else undefined
 };
+
 
 // A number naming the current state of t: renewed by the derived cache whenever t changes or is replaced.
 std::string token_of(const Tensor& t) {
@@ -222,6 +224,24 @@ Tensor cached_sorted_weight(const Tensor& w, const Tensor& mask, const Tensor& o
   });
 }
 
+// A layer's sorted weight packed as strips for the kernels (over its output units for the forward, its input
+// units for the backward), cached like the sorted weight; undefined where this build packs none.
+Tensor cached_strips(const Tensor& w, const Tensor& mask, const Tensor& out_perm, const Tensor& in_perm,
+                     const std::string& key, const Tensor& extent, bool over_inputs) {
+  const int64_t out = w.size(0), in = w.size(1);
+  int64_t floats = 0;
+  if (w.scalar_type() == at::kFloat)
+    FL_DISPATCH_ISA(made_strip_floats, in, out, extent.data_ptr<int64_t>(), over_inputs, floats);
+  if (floats == 0) return Tensor();
+  return cached_derived(w, key + (over_inputs ? ":input strips" : ":output strips"), [&] {
+    const Tensor sorted = cached_sorted_weight(w, mask, out_perm, in_perm, key);
+    Tensor strips = at::empty({floats}, w.options());
+    FL_DISPATCH_ISA(made_pack_strips, sorted.data_ptr<float>(), in, out, extent.data_ptr<int64_t>(), over_inputs,
+                    strips.data_ptr<float>());
+    return strips;
+  });
+}
+
 // The inverse's weights: sorted, masked and cached (sampling again with unchanged weights re-sorts nothing).
 Tensor made_sorted_weight_cpu(const Tensor& weight, const Tensor& mask, const Tensor& out_perm,
                               const Tensor& in_perm) {
@@ -279,21 +299,6 @@ MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorLis
     const int64_t* po = out_perms[l].data_ptr<int64_t>();
     const int64_t* pi = in_perms[l].data_ptr<int64_t>();
     const std::string key = sorted_weight_key(mask, out_perms[l], in_perms[l], tokens);
-    // The forward reads only the transposed weight; the backward reads both.
-    net.weight.push_back(need_sorted ? cached_sorted_weight(w, mask, out_perms[l], in_perms[l], key) : Tensor());
-    net.weight_t.push_back(cached_derived(w, key + ":t", [&] {
-      const Tensor sorted = cached_sorted_weight(w, mask, out_perms[l], in_perms[l], key);
-      Tensor t = at::empty({in, out}, w.options());  // a tiled transpose: ATen's strided copy is several times slower
-      AT_DISPATCH_FLOATING_TYPES(dtype, "made_transpose", [&] {
-        const scalar_t* src = sorted.data_ptr<scalar_t>();
-        scalar_t* dst = t.data_ptr<scalar_t>();
-        parallel_for((out + 31) / 32, std::max<int64_t>(1, 512 / std::max<int64_t>(in, 1)), [&](int64_t b0, int64_t b1) {
-          const int64_t r0 = b0 * 32, r1 = std::min(out, b1 * 32);  // a band of rows of the sorted weight
-          FL_DISPATCH_ISA(transposed_copy, r1 - r0, in, src + r0 * in, in, dst + r0, out);
-        });
-      });
-      return t;
-    }));
     // Sorted by degree, each mask row is a prefix of the sorted inputs: its count is all that unit reads.
     Tensor extent = cached_derived(mask, "made_extent:" + tokens.of(out_perms[l]), [&] {
       Tensor counts = at::empty({out}, out_perms[l].options());
@@ -308,6 +313,24 @@ MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorLis
     const int64_t* e = extent.data_ptr<int64_t>();
     TORCH_CHECK(std::is_sorted(e, e + out), op, ": layer ", l,
                 " is not sorted by degree (its units' input counts must not decrease)");
+    // The forward reads the strips (or else the transposed weight); the backward the sorted weight and strips.
+    net.output_strips.push_back(cached_strips(w, mask, out_perms[l], in_perms[l], key, extent, false));
+    net.input_strips.push_back(need_sorted ? cached_strips(w, mask, out_perms[l], in_perms[l], key, extent, true)
+                                           : Tensor());
+    net.weight.push_back(need_sorted ? cached_sorted_weight(w, mask, out_perms[l], in_perms[l], key) : Tensor());
+    net.weight_t.push_back(net.output_strips.back().defined() ? Tensor() : cached_derived(w, key + ":t", [&] {
+      const Tensor sorted = cached_sorted_weight(w, mask, out_perms[l], in_perms[l], key);
+      Tensor t = at::empty({in, out}, w.options());  // a tiled transpose: ATen's strided copy is several times slower
+      AT_DISPATCH_FLOATING_TYPES(dtype, "made_transpose", [&] {
+        const scalar_t* src = sorted.data_ptr<scalar_t>();
+        scalar_t* dst = t.data_ptr<scalar_t>();
+        parallel_for((out + 31) / 32, std::max<int64_t>(1, 512 / std::max<int64_t>(in, 1)), [&](int64_t b0, int64_t b1) {
+          const int64_t r0 = b0 * 32, r1 = std::min(out, b1 * 32);  // a band of rows of the sorted weight
+          FL_DISPATCH_ISA(transposed_copy, r1 - r0, in, src + r0 * in, in, dst + r0, out);
+        });
+      });
+      return t;
+    }));
     net.extent.push_back(extent);
     units.push_back(out);
     net.src.push_back(src);
@@ -333,7 +356,11 @@ std::vector<MadeLayer<T>> kernel_layers(const MadeNet& net, const std::vector<Te
     y.act_out = net.act_out[l] != 0;
     y.in_units = net.in_units[l];
     y.out_units = net.out_units[l];
-    y.weight_t = net.weight_t[l].data_ptr<T>();
+    y.weight_t = net.weight_t[l].defined() ? net.weight_t[l].data_ptr<T>() : nullptr;
+    if constexpr (std::is_same_v<T, float>) {
+      y.output_strips = net.output_strips[l].defined() ? net.output_strips[l].data_ptr<float>() : nullptr;
+      y.input_strips = net.input_strips[l].defined() ? net.input_strips[l].data_ptr<float>() : nullptr;
+    }
     y.weight = net.weight[l].defined() ? net.weight[l].data_ptr<T>() : nullptr;
     y.bias = present(biases[l]) ? biases[l].data_ptr<T>() : nullptr;
     y.context = present(contexts[l]) ? contexts[l].data_ptr<T>() : nullptr;
@@ -418,7 +445,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
   Tensor grad_inputs = at::empty_like(inputs);
   std::vector<Tensor> grad_wt, grad_b, grad_ctx;
   for (int64_t l = 0; l < L; ++l) {
-    grad_wt.push_back(at::empty_like(net.weight_t[l]));
+    grad_wt.push_back(at::empty({net.in_units[l], net.out_units[l]}, inputs.options()));
     grad_b.push_back(at::empty({present(biases[l]) ? net.out_units[l] : 0}, inputs.options()));
     grad_ctx.push_back(at::empty({present(contexts[l]) ? N : 0, net.out_units[l]}, inputs.options()));
   }

@@ -17,71 +17,69 @@
 
 namespace fl::FL_ISA {
 
-// Where one layer's strips lie in a shared buffer (offsets in floats). Strip s holds the product's columns
+// Where one layer's strips lie in its buffer (offsets in floats). Strip s holds the product's columns
 // [16 s, 16 s + 16) (zero past the last) and the rows [first[s], first[s] + rows(s)) of the right operand,
 // 16 floats per row.
 struct MadeStripLayout {
   int64_t columns = 0;
   std::vector<int64_t> offset;  // [strips + 1]
   std::vector<int64_t> first;   // [strips]
-  int64_t bias_offset = -1;     // 16 floats per strip, or -1: the product starts from zero
-  int64_t end = 0;              // the first float past this layer
 
   int64_t strips() const { return static_cast<int64_t>(first.size()); }
   int64_t rows(int64_t s) const { return (offset[s + 1] - offset[s]) / kStripColumns; }
+  int64_t floats() const { return offset.back(); }
 
-  // Strip s reads rows [first(s), last(s)); sets the offsets from `begin` on.
+  // Strip s reads rows [first(s), last(s)).
   template <typename First, typename Last>
-  void place(int64_t cols, int64_t begin, bool bias, First first_row, Last last_row) {
+  void place(int64_t cols, First first_row, Last last_row) {
     columns = cols;
     const int64_t strips = (cols + kStripColumns - 1) / kStripColumns;
-    offset.assign(strips + 1, begin);
+    offset.assign(strips + 1, 0);
     first.assign(strips, 0);
     for (int64_t s = 0; s < strips; ++s) {
       first[s] = first_row(s);
       offset[s + 1] = offset[s] + std::max<int64_t>(0, last_row(s) - first[s]) * kStripColumns;
     }
-    bias_offset = bias ? offset[strips] : -1;
-    end = offset[strips] + (bias ? strips * kStripColumns : 0);
   }
 };
 
 // The forward's W^T: output unit u reads inputs [0, extent[u]) (non-decreasing).
-inline MadeStripLayout made_output_strips(int64_t out_units, const int64_t* extent, int64_t begin, bool bias) {
+inline MadeStripLayout made_output_strips(int64_t out_units, const int64_t* extent) {
   MadeStripLayout layout;
-  layout.place(out_units, begin, bias, [](int64_t) { return int64_t{0}; },
+  layout.place(out_units, [](int64_t) { return int64_t{0}; },
                [&](int64_t s) { return extent[std::min(out_units, (s + 1) * kStripColumns) - 1]; });
   return layout;
 }
 
 // The backward's W: input unit i is read by the output units o with extent[o] > i, a suffix of them.
-inline MadeStripLayout made_input_strips(int64_t in_units, int64_t out_units, const int64_t* extent, int64_t begin) {
+inline MadeStripLayout made_input_strips(int64_t in_units, int64_t out_units, const int64_t* extent) {
   MadeStripLayout layout;
-  layout.place(in_units, begin, false,
-               [&](int64_t s) { return std::upper_bound(extent, extent + out_units, s * kStripColumns) - extent; },
+  layout.place(in_units, [&](int64_t s) { return std::upper_bound(extent, extent + out_units, s * kStripColumns) - extent; },
                [&](int64_t) { return out_units; });
   return layout;
 }
 
-// B [K x columns] (row-major, rows ldb apart) and bias [columns] (or null) into `buffer` at the layout.
-inline void pack_made_strips(const MadeStripLayout& layout, const float* B, int64_t ldb, const float* bias,
-                             float* buffer) {
+// The right operand B, element (k, c) at B[k * row_stride + c * column_stride], into `out` at the layout.
+inline void pack_made_strips(const MadeStripLayout& layout, const float* B, int64_t row_stride, int64_t column_stride,
+                             float* out) {
   for (int64_t s = 0; s < layout.strips(); ++s) {
     const int64_t c0 = s * kStripColumns, cols = std::min(kStripColumns, layout.columns - c0);
-    float* strip = buffer + layout.offset[s];
+    float* strip = out + layout.offset[s];
     for (int64_t k = 0; k < layout.rows(s); ++k) {
-      std::memcpy(strip + k * kStripColumns, B + (layout.first[s] + k) * ldb + c0, sizeof(float) * cols);
-      std::fill(strip + k * kStripColumns + cols, strip + (k + 1) * kStripColumns, 0.0f);
-    }
-    if (layout.bias_offset >= 0) {
-      float* b = buffer + layout.bias_offset + c0;
-      for (int64_t c = 0; c < kStripColumns; ++c) b[c] = (bias && c < cols) ? bias[c0 + c] : 0.0f;
+      const float* row = B + (layout.first[s] + k) * row_stride + c0 * column_stride;
+      for (int64_t c = 0; c < kStripColumns; ++c) strip[k * kStripColumns + c] = c < cols ? row[c * column_stride] : 0.0f;
     }
   }
 }
 
-// The transpose of pack_made_strips for a layout without bias: dst [K x columns] (rows ldd apart) = the sum of
-// `count` buffers laid out alike, zero outside the strips.
+// A bias [columns] padded to whole strips (zero past the last column), as the tiles start from it.
+inline void pad_strip_bias(const MadeStripLayout& layout, const float* bias, float* out) {
+  const int64_t padded = layout.strips() * kStripColumns;
+  for (int64_t c = 0; c < padded; ++c) out[c] = c < layout.columns ? bias[c] : 0.0f;
+}
+
+// The transpose of pack_made_strips for a row-major destination: dst [K x columns] (rows ldd apart) = the sum
+// of `count` buffers laid out alike, zero outside the strips.
 inline void unpack_made_strips(const MadeStripLayout& layout, const float* const* buffers, int64_t count,
                                int64_t K, float* dst, int64_t ldd) {
   for (int64_t k = 0; k < K; ++k) std::fill(dst + k * ldd, dst + k * ldd + layout.columns, 0.0f);
@@ -182,18 +180,18 @@ inline void tiles(int64_t rows, int64_t K, const float* A, int64_t lda, const fl
 
 }  // namespace made_strip_detail
 
-// C[rows x columns] = A[rows x K] B (+ bias), then relu if asked, for one layer packed at `layout` in `buffer`:
-// strip s reads only the columns [first(s), first(s) + rows(s)) of A. K is taken in chunks that keep a strip's
-// rows in L1.
+// C[rows x columns] = A[rows x K] B (+ bias, padded by pad_strip_bias, or null), then relu if asked, for one
+// layer's strips packed at `layout`: strip s reads only the columns [first(s), first(s) + rows(s)) of A. K is
+// taken in chunks that keep a strip's rows in L1.
 inline void made_strip_product(int64_t rows, const float* A, int64_t lda, const MadeStripLayout& layout,
-                               const float* buffer, float* C, int64_t ldc, bool relu = false) {
+                               const float* strips, const float* bias, float* C, int64_t ldc, bool relu = false) {
   using namespace made_strip_detail;
   alignas(32) static const float kZeros[kStripColumns] = {};
   for (int64_t s = 0; s < layout.strips(); ++s) {
     const int64_t c0 = s * kStripColumns, K = layout.rows(s);
     const Columns cols(std::min(kStripColumns, layout.columns - c0));
-    const float* strip = buffer + layout.offset[s];
-    const float* init = layout.bias_offset >= 0 ? buffer + layout.bias_offset + c0 : kZeros;
+    const float* strip = strips + layout.offset[s];
+    const float* init = bias ? bias + c0 : kZeros;
     int64_t k0 = 0;
     do {  // once even when K is 0: the bias (or zeros) alone
       const int64_t kb = std::min(kStripChunk, K - k0);
@@ -225,8 +223,8 @@ inline void made_strip_weight_grad(int64_t rows, const float* input_t, const flo
   }
 }
 #else
-inline void made_strip_product(int64_t, const float*, int64_t, const MadeStripLayout&, const float*, float*,
-                               int64_t, bool = false) {}
+inline void made_strip_product(int64_t, const float*, int64_t, const MadeStripLayout&, const float*, const float*,
+                               float*, int64_t, bool = false) {}
 inline void made_strip_weight_grad(int64_t, const float*, const float*, int64_t, const MadeStripLayout&, float*,
                                    bool, float*) {}
 #endif
