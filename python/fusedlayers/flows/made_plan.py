@@ -136,6 +136,7 @@ def made_inverse(made: MADE, targets: Tensor, context: Tensor | None, epsilon: f
 # ---- the fused forward pass (density direction) with its backward
 
 _forward_op = torch.ops.fusedlayers.made_forward
+_backward_op = torch.ops.fusedlayers.made_backward
 
 
 class _Layers:
@@ -280,9 +281,47 @@ def made_forward(made: MADE, inputs: Tensor, context: Tensor | None, epsilon: fl
                                         or any(t.requires_grad for t in layers.biases))  # for the backward
     args = (inputs.contiguous(), layers.weights, layers.masks, layers.in_perms, layers.out_perms, layers.biases,
             layers.contexts, layers.info, plan.act, float(epsilon), save)
-    if save or compiling:
+    if compiling:
         outputs, logabsdet, _ = _forward_op(*args)
+    elif save:  # eager autograd without the registered wrapper's Python layer (same backward op)
+        outputs, logabsdet = _EagerForward.apply((layers.info, plan.act, float(epsilon)), inputs.contiguous(),
+                                                 *layers.weights, *layers.masks, *layers.in_perms,
+                                                 *layers.out_perms, *layers.biases, *layers.contexts)
     else:  # nothing to differentiate: straight to the kernel, past the autograd wrapper's Python layer
         with torch._C._AutoDispatchBelowAutograd():
             outputs, logabsdet, _ = _forward_op(*args)
     return outputs, logabsdet
+
+
+class _EagerForward(torch.autograd.Function):
+    """made_forward and made_backward under eager autograd. The op's registered autograd (_ops/flows.py, which
+    torch.compile traces) flattens and checks its list arguments in Python on every call: at batch 16 that cost
+    more than the kernels. The tensors come flat: x, then six groups of one tensor per layer."""
+
+    @staticmethod
+    def forward(ctx, params, x, *groups):
+        layer_info, activation, epsilon = params
+        n = len(groups) // 6
+        lists = [list(groups[k * n:(k + 1) * n]) for k in range(6)]
+        with torch._C._AutoDispatchBelowAutograd():
+            outputs, logabsdet, saved = _forward_op(x, *lists, layer_info, activation, epsilon, True)
+        ctx.save_for_backward(x, *groups, *saved)
+        ctx.params, ctx.layer_count = params, n
+        ctx.set_materialize_grads(False)
+        return outputs, logabsdet
+
+    @staticmethod
+    def backward(ctx, grad_outputs, grad_logabsdet):
+        tensors = ctx.saved_tensors
+        n = ctx.layer_count
+        x = tensors[0]
+        lists = [list(tensors[1 + k * n:1 + (k + 1) * n]) for k in range(6)]
+        saved = list(tensors[1 + 6 * n:])
+        layer_info, activation, epsilon = ctx.params
+        if grad_outputs is None:
+            grad_outputs = torch.zeros_like(x)
+        if grad_logabsdet is None:
+            grad_logabsdet = x.new_zeros(x.shape[0])
+        gx, gw, gb, gc = _backward_op(grad_outputs.contiguous(), grad_logabsdet.contiguous(), x, *lists, layer_info,
+                                      saved, activation, epsilon)
+        return None, gx, *gw, *([None] * (3 * n)), *gb, *gc
