@@ -212,15 +212,19 @@ void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows, int64_t
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t i = 0; i < D; ++i) scale[r * D + i] = params[r * 2 * D + 2 * i];
   affine_scales(scale.data(), log_scale.data(), static_cast<T*>(nullptr), rows * D, a.epsilon);
+  T finite = 0;  // x - x: 0 for finite x, NaN for NaN and inf, so the sum says whether any was
   for (int64_t r = 0; r < rows; ++r) {
     const T* p = params + r * 2 * D;
+    const T* x = a.inputs + (n0 + r) * D;
     T logdet = 0;
     for (int64_t i = 0; i < D; ++i) {
-      a.outputs[(n0 + r) * D + i] = scale[r * D + i] * a.inputs[(n0 + r) * D + i] + p[2 * i + 1];
+      a.outputs[(n0 + r) * D + i] = scale[r * D + i] * x[i] + p[2 * i + 1];
       logdet += log_scale[r * D + i];
+      finite += x[i] - x[i];
     }
     a.logabsdet[n0 + r] = logdet;
   }
+  if (finite != 0 || finite != finite) a.nonfinite_inputs->store(true, std::memory_order_relaxed);
 }
 
 template <typename T>

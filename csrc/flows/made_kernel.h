@@ -6,6 +6,7 @@
 
 #include "common/isa.h"
 
+#include <atomic>
 #include <cstdint>
 
 namespace fl {
@@ -80,6 +81,7 @@ struct MadeForwardArgs {
   const T* inputs = nullptr;       // [batch, features]
   T* outputs = nullptr;            // [batch, features]: scale * x + shift
   T* logabsdet = nullptr;          // [batch]
+  std::atomic<bool>* nonfinite_inputs = nullptr;  // set when an input is NaN or infinite (the op raises)
 };
 
 template <typename T>

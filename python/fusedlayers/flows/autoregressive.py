@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import InverseTransform, Transform, check_context, check_features
+from .base import InverseTransform, Transform, check_context, check_features, check_finite
 from . import made_plan
 from .made import MADE
 
@@ -50,15 +50,16 @@ class MaskedAffineAutoregressiveTransform(Transform):
         params = params.view(params.shape[0], self.features, 2)
         return affine_scale(params[..., 0], self._epsilon), params[..., 1]
 
-    def _check(self, inputs: Tensor, context: Tensor | None) -> None:
-        check_features(inputs, self.features)
+    def _check(self, inputs: Tensor, context: Tensor | None, finite: bool = True) -> None:
+        check_features(inputs, self.features, finite=finite)
         check_context(context, self.context_features, inputs.shape[0])
 
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        self._check(inputs, context)
+        self._check(inputs, context, finite=False)
         fused = made_plan.made_forward(self.autoregressive_net, inputs, context, self._epsilon)
         if fused is not None:  # the network, affine map and log-det in one C++ pass (and a fused backward)
-            return fused
+            return fused  # the op raised ValueError for NaN or inf inputs
+        check_finite(inputs)
         return self._forward_composed(inputs, context)
 
     def _forward_composed(self, inputs: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -67,12 +67,18 @@ class ShapeError(ValueError, RuntimeError):
     for them (from inside their matrix products), so code written against either keeps catching it."""
 
 
-def check_features(inputs: Tensor, features: int, name: str = "inputs") -> None:
-    """A clear error for the wrong shape, and for NaN/inf, which would otherwise propagate silently."""
+def check_features(inputs: Tensor, features: int, name: str = "inputs", finite: bool = True) -> None:
+    """A clear error for the wrong shape, and for NaN/inf, which would otherwise propagate silently (finite=False
+    leaves that to the caller: the fused MAF forward checks in C++)."""
     if not isinstance(inputs, Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(inputs).__name__}")
     if inputs.dim() != 2 or inputs.shape[1] != features:
         raise ShapeError(f"{name} must have shape [batch, {features}], got {list(inputs.shape)}")
+    if finite:
+        check_finite(inputs, name)
+
+
+def check_finite(inputs: Tensor, name: str = "inputs") -> None:
     # A data-dependent check: skipped while torch.compile traces (it would break the graph). One sum finds any
     # NaN or inf (or an overflow, then the exact check decides) at a fraction of isfinite().all()'s cost.
     if (not torch.compiler.is_compiling() and inputs.numel() and not bool(torch.isfinite(inputs.sum()))
