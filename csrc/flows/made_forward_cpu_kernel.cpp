@@ -365,18 +365,18 @@ void backward(const MadeBackwardArgs<T>& a) {
         for (int64_t l = l0; l < l1; ++l) {
           sums.clear();
           for (const auto& w : acc) sums.push_back(w.strips.data() + st.grad_offset[l]);
-          unpack_made_strips(st.grads[l], sums.data(), static_cast<int64_t>(sums.size()), a.layers[l].in_units,
-                             a.grad_weight_t[l], a.layers[l].out_units);
+          unpack_made_strips_transposed(st.grads[l], sums.data(), static_cast<int64_t>(sums.size()),
+                                        a.layers[l].in_units, a.grad_weight[l], a.layers[l].in_units);
         }
       });
     }
   for (int64_t l = 0; l < L; ++l) {
-    const int64_t size = a.layers[l].in_units * a.layers[l].out_units;
-    T* dw = a.grad_weight_t[l];
-    if (!strips) {
-      std::fill(dw, dw + size, T(0));
-      for (const auto& w : acc)
-        for (int64_t e = 0; e < size; ++e) dw[e] += w.weight_t[l][e];
+    const int64_t in = a.layers[l].in_units, out = a.layers[l].out_units;
+    if (!strips) {  // summed into the first worker's W^T, then transposed
+      T* sum = acc[0].weight_t[l].data();
+      for (size_t w = 1; w < acc.size(); ++w)
+        for (int64_t e = 0; e < in * out; ++e) sum[e] += acc[w].weight_t[l][e];
+      fast_transpose(in, out, sum, out, a.grad_weight[l], in);
     }
     if (T* db = a.grad_bias[l]) {
       std::fill(db, db + a.layers[l].out_units, T(0));

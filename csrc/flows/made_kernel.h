@@ -94,7 +94,7 @@ struct MadeBackwardArgs {
   const T* grad_outputs = nullptr;    // [batch, features]
   const T* grad_logabsdet = nullptr;  // [batch]
   T* grad_inputs = nullptr;           // [batch, features]
-  T* const* grad_weight_t = nullptr;  // per layer [in_units, out_units]
+  T* const* grad_weight = nullptr;    // per layer [out_units, in_units], sorted
   T* const* grad_bias = nullptr;      // per layer [out_units] or null
   T* const* grad_context = nullptr;   // per layer [batch, out_units] or null
 };

@@ -449,7 +449,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
   Tensor grad_inputs = at::empty_like(inputs);
   std::vector<Tensor> grad_wt, grad_b, grad_ctx;
   for (int64_t l = 0; l < L; ++l) {
-    grad_wt.push_back(at::empty({net.in_units[l], net.out_units[l]}, inputs.options()));
+    grad_wt.push_back(at::empty({net.out_units[l], net.in_units[l]}, inputs.options()));
     grad_b.push_back(at::empty({present(biases[l]) ? net.out_units[l] : 0}, inputs.options()));
     grad_ctx.push_back(at::empty({present(contexts[l]) ? N : 0, net.out_units[l]}, inputs.options()));
   }
@@ -472,13 +472,13 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
     a.grad_outputs = go.data_ptr<scalar_t>();
     a.grad_logabsdet = gl.data_ptr<scalar_t>();
     a.grad_inputs = grad_inputs.data_ptr<scalar_t>();
-    a.grad_weight_t = dwt.data();
+    a.grad_weight = dwt.data();
     a.grad_bias = db.data();
     a.grad_context = dctx.data();
     FL_DISPATCH_ISA(made_backward, a);
   });
   // Back to the module's unit order, in one scatter per tensor; the weight gradient masked (the mask multiplies
-  // the weight): dW[po[o]][pi[i]] = dWt[i][o] * mask[po[o]][pi[i]].
+  // the weight): dW[po[o]][pi[i]] = dW_sorted[o][i] * mask[po[o]][pi[i]], row by row.
   std::vector<Tensor> grad_w, grad_bias, grad_context;
   for (int64_t l = 0; l < L; ++l) {
     const int64_t in = net.in_units[l], out = net.out_units[l];
@@ -488,14 +488,16 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
     Tensor gb = grad_b[l].numel() ? at::empty_like(grad_b[l]) : grad_b[l];
     Tensor gc = at::empty_like(contexts[l]);
     AT_DISPATCH_FLOATING_TYPES(inputs.scalar_type(), "made_unsort", [&] {
-      const scalar_t* dwt = grad_wt[l].data_ptr<scalar_t>();
+      const scalar_t* sorted = grad_wt[l].data_ptr<scalar_t>();
       const scalar_t* m = masks[l].data_ptr<scalar_t>();
       scalar_t* dw = gw.data_ptr<scalar_t>();
-      for (int64_t o = 0; o < out; ++o)
-        for (int64_t i = 0; i < in; ++i) {
-          const int64_t at = po[o] * in + pi[i];
-          dw[at] = dwt[i * out + o] * m[at];
+      parallel_for(out, std::max<int64_t>(1, 16384 / std::max<int64_t>(in, 1)), [&](int64_t o0, int64_t o1) {
+        for (int64_t o = o0; o < o1; ++o) {
+          scalar_t* row = dw + po[o] * in;
+          const scalar_t* mask_row = m + po[o] * in;
+          for (int64_t i = 0; i < in; ++i) row[pi[i]] = sorted[o * in + i] * mask_row[pi[i]];
         }
+      });
       if (gb.numel())
         for (int64_t o = 0; o < out; ++o) gb.data_ptr<scalar_t>()[po[o]] = grad_b[l].data_ptr<scalar_t>()[o];
       if (present(contexts[l])) {

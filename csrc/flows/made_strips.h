@@ -78,18 +78,19 @@ inline void pad_strip_bias(const MadeStripLayout& layout, const float* bias, flo
   for (int64_t c = 0; c < padded; ++c) out[c] = c < layout.columns ? bias[c] : 0.0f;
 }
 
-// The transpose of pack_made_strips for a row-major destination: dst [K x columns] (rows ldd apart) = the sum
-// of `count` buffers laid out alike, zero outside the strips.
-inline void unpack_made_strips(const MadeStripLayout& layout, const float* const* buffers, int64_t count,
-                               int64_t K, float* dst, int64_t ldd) {
-  for (int64_t k = 0; k < K; ++k) std::fill(dst + k * ldd, dst + k * ldd + layout.columns, 0.0f);
+// The sum of `count` buffers laid out alike, transposed back: dst [columns x K] (rows ldd apart), element
+// (c, k) = the strips' element (k, c), zero outside the strips. (A weight gradient summed in the forward's
+// layout of W^T comes back as W's gradient.)
+inline void unpack_made_strips_transposed(const MadeStripLayout& layout, const float* const* buffers, int64_t count,
+                                          int64_t K, float* dst, int64_t ldd) {
+  for (int64_t c = 0; c < layout.columns; ++c) std::fill(dst + c * ldd, dst + c * ldd + K, 0.0f);
   for (int64_t s = 0; s < layout.strips(); ++s) {
     const int64_t c0 = s * kStripColumns, cols = std::min(kStripColumns, layout.columns - c0);
-    for (int64_t k = 0; k < layout.rows(s); ++k) {
-      float* row = dst + (layout.first[s] + k) * ldd + c0;
-      for (int64_t b = 0; b < count; ++b) {
-        const float* src = buffers[b] + layout.offset[s] + k * kStripColumns;
-        for (int64_t c = 0; c < cols; ++c) row[c] += src[c];
+    for (int64_t b = 0; b < count; ++b) {
+      const float* strip = buffers[b] + layout.offset[s];
+      for (int64_t c = 0; c < cols; ++c) {
+        float* row = dst + (c0 + c) * ldd + layout.first[s];
+        for (int64_t k = 0; k < layout.rows(s); ++k) row[k] += strip[k * kStripColumns + c];
       }
     }
   }
