@@ -202,6 +202,17 @@ def test_float32(L, S, E):
     compare(q, k, v, randn(L, S, dtype=F32, seed=5), mask_grad=True)
 
 
+@settings(max_examples=20, deadline=None)
+@given(L=st.integers(9, 200), S=st.integers(1, 300), E=st.sampled_from([16, 48, 64, 128]),
+       Ev=st.sampled_from([16, 64, 128]), causal=st.booleans(), Hk=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**16))
+def test_float32_head_dims_and_lengths(L, S, E, Ev, causal, Hk, seed):
+    """float32 forward products on keys and values packed as 16-wide strips (AVX2 CPUs): head sizes up to 128,
+    key counts that leave a partial strip and a partial key tile, grouped heads."""
+    q, k, v = qkv(1, 2, L, S, E, Ev, dtype=F32, seed=seed, Hk=Hk)
+    compare(q, k, v, is_causal=causal, enable_gqa=True)
+
+
 def test_large_scores_are_stable():
     # Scores of magnitude ~1e3: the online softmax must rescale without overflow.
     q, k, v = qkv(1, 2, 70, 200, 16)

@@ -15,11 +15,13 @@
 #include "common/gemm.h"
 #include "common/transpose_kernel.h"
 #include "common/parallel.h"
+#include "common/strip_gemm.h"
 #include "common/vec_math.h"
 #include "common/workspace.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -281,6 +283,35 @@ void decode_impl(const SdpaForwardArgs<T>& a) {
   });
 }
 
+// On AVX2-only builds (common/strip_gemm.h) the forward's two products run the 6 x 16 strip tile on keys and
+// values packed once per head, where oneDNN's AVX2 micro-kernel on 64 x 128 x 128 tiles fell behind torch's
+// blocking at head size 128. Keys: strips of 16 keys, each E rows of 16 (zero past the last key), so a key
+// tile's strips are contiguous and Q K^T is strip_gemm with K = E. Values: per key tile, strips of 16 value
+// columns with the tile's rows, the layout strip_gemm reads for P V with K = the tile's keys.
+bool forward_strips(const SdpaSizes& s) {
+  return kStripPanels && s.head_dim <= kStripChunk && s.v_dim % kStripColumns == 0;
+}
+
+void pack_key_strips(int64_t S, int64_t E, const float* k, int64_t row, float* out) {
+  for (int64_t j0 = 0; j0 < S; j0 += kStripColumns) {
+    float* strip = out + j0 * E;
+    for (int64_t c = 0; c < kStripColumns; ++c) {
+      const float* key = k + (j0 + c) * row;
+      for (int64_t e = 0; e < E; ++e) strip[e * kStripColumns + c] = j0 + c < S ? key[e] : 0.0f;
+    }
+  }
+}
+
+void pack_value_strips(int64_t S, int64_t Ev, const float* v, int64_t row, float* out) {
+  for (int64_t j0 = 0; j0 < S; j0 += kKeyTile) {
+    const int64_t keys = std::min(kKeyTile, S - j0);
+    float* tile = out + j0 * Ev;
+    for (int64_t j = 0; j < keys; ++j)
+      for (int64_t c0 = 0; c0 < Ev; c0 += kStripColumns)
+        std::memcpy(tile + c0 * keys + j * kStripColumns, v + (j0 + j) * row + c0, sizeof(float) * kStripColumns);
+  }
+}
+
 template <typename T>
 void forward_impl(const SdpaForwardArgs<T>& a) {
   if (a.sizes.q_len <= kDecodeMaxQueries) return decode_impl(a);
@@ -296,17 +327,38 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
   const int64_t flops_per_item = 4 * kQueryTile * std::max<int64_t>(S, 1) * std::max(E, Ev);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / flops_per_item);
 
-  // Keys transposed once per head ([E x S], rows padded off 512-byte multiples), the right operand of Q K^T.
+  // Keys transposed once per head ([E x S], rows padded off 512-byte multiples), the right operand of Q K^T;
+  // or, with strips, keys and values packed once per head.
+  const bool strips = std::is_same_v<T, float> && forward_strips(s);
   const int64_t ld_kt = (S * int64_t(sizeof(T))) % 512 == 0 ? S + 64 / int64_t(sizeof(T)) : S;
+  const int64_t S_padded = (S + kStripColumns - 1) / kStripColumns * kStripColumns;
   const int64_t kv_heads = s.batch * s.kv_heads;
-  T* keys_t = workspace<T>(WorkspaceSlot::left, kv_heads * E * ld_kt);
+  const int64_t key_floats = strips ? S_padded * E : E * ld_kt;
+  T* keys_t = workspace<T>(WorkspaceSlot::left, kv_heads * key_floats);
+  T* value_strips = strips ? workspace<T>(WorkspaceSlot::product, kv_heads * S * Ev) : nullptr;
   parallel_for(kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t head = begin; head < end; ++head) {
       const int64_t b = head / s.kv_heads, kvh = head % s.kv_heads;
-      fast_transpose(S, E, a.k + b * a.k_strides.batch + kvh * a.k_strides.head, a.k_strides.row,
-                     keys_t + head * E * ld_kt, ld_kt);
+      const T* k = a.k + b * a.k_strides.batch + kvh * a.k_strides.head;
+      if constexpr (std::is_same_v<T, float>)
+        if (strips) {
+          pack_key_strips(S, E, k, a.k_strides.row, keys_t + head * key_floats);
+          pack_value_strips(S, Ev, a.v + b * a.v_strides.batch + kvh * a.v_strides.head, a.v_strides.row,
+                            value_strips + head * S * Ev);
+          continue;
+        }
+      fast_transpose(S, E, k, a.k_strides.row, keys_t + head * key_floats, ld_kt);
     }
   });
+  // scores[rows x cols] = q[rows x E] K^T for the keys [j0, j0 + cols); with strips, up to the next 16 keys
+  // (zero keys past S: the extra columns are never read).
+  const auto key_product = [&](int64_t rows, int64_t cols, const T* q, const T* keys, int64_t j0, T* out) {
+    if constexpr (std::is_same_v<T, float>)
+      if (strips)
+        return strip_gemm(rows, (cols + kStripColumns - 1) / kStripColumns * kStripColumns, E, q, E,
+                          keys + j0 * E, out, kKeyTile, false);
+    gemm(rows, cols, E, q, E, keys + j0, ld_kt, out, kKeyTile, false);
+  };
 
   parallel_for(items, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> scores(kQueryTile * kKeyTile), acc(kQueryTile * Ev), q_scaled(kQueryTile * E);
@@ -318,7 +370,8 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
       const T* q_in = a.q + hd.batch * a.q_strides.batch + hd.q_head * a.q_strides.head + i0 * a.q_strides.row;
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < E; ++c) q_scaled[r * E + c] = q_in[r * a.q_strides.row + c] * scale;
-      const T* k_t = keys_t + (hd.batch * s.kv_heads + hd.kv_head) * E * ld_kt;
+      const int64_t kv_head = hd.batch * s.kv_heads + hd.kv_head;
+      const T* k_t = keys_t + kv_head * key_floats;
       const T* v = a.v + hd.batch * a.v_strides.batch + hd.kv_head * a.v_strides.head;
       std::fill(acc.begin(), acc.begin() + rows * Ev, T(0));
       std::fill(row_max_v.begin(), row_max_v.end(), neg_inf<T>());
@@ -334,7 +387,7 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
       }
       for (int64_t j0 = (j_begin / kKeyTile) * kKeyTile; j0 < j_end; j0 += kKeyTile) {
         const int64_t cols = std::min(kKeyTile, S - j0);
-        gemm(rows, cols, E, q_scaled.data(), E, k_t + j0, ld_kt, scores.data(), kKeyTile, false);
+        key_product(rows, cols, q_scaled.data(), k_t, j0, scores.data());
         finish_scores(scores.data(), kKeyTile, rows, cols, i0, j0, hd.batch, hd.q_head, s, m, T(1));
         for (int64_t r = 0; r < rows; ++r) {
           T* p = scores.data() + r * kKeyTile;
@@ -350,7 +403,7 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
                 apply_dropout(p, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
               continue;
             }
-            gemm(1, cols, E, q_scaled.data() + r * E, E, k_t + j0, ld_kt, p, kKeyTile, false);
+            key_product(1, cols, q_scaled.data() + r * E, k_t, j0, p);
             finish_scores(p, kKeyTile, 1, cols, i0 + r, j0, hd.batch, hd.q_head, s, m, T(1));
           }
           const T new_max = std::max(row_max_v[r], row_max(p, cols));
@@ -368,6 +421,12 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
           if (dropout)
             apply_dropout(p, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
         }
+        if constexpr (std::is_same_v<T, float>)
+          if (strips) {
+            strip_gemm(rows, Ev, cols, scores.data(), kKeyTile, value_strips + kv_head * S * Ev + j0 * Ev,
+                       acc.data(), Ev, true);
+            continue;
+          }
         gemm(rows, Ev, cols, scores.data(), kKeyTile, v + j0 * a.v_strides.row, a.v_strides.row, acc.data(), Ev,
              true);
       }
