@@ -632,14 +632,24 @@ def test_dropout_uniform_attention_mean():
                                                     (2, 3, 300, True, (100, None), 2), (1, 3, 300, False, None, 2),
                                                     (2, 70, 131, False, None, 1), (1, 70, 300, True, (None, 9), 1)])
 def test_dropout_matches_masked_reference(B, L, S, causal, window, Hk):
+    _dropout_against_masked_reference(B, L, S, causal, window, Hk, 8, 6, F64)
+
+
+@pytest.mark.parametrize("B,L,S,causal,window,Hk", [(2, 70, 131, False, None, 2), (1, 70, 300, True, (None, 9), 1)])
+def test_dropout_matches_masked_reference_float32(B, L, S, causal, window, Hk):
+    # float32 with head sizes that take the strip products on AVX2 CPUs (P and dS packed per query tile)
+    _dropout_against_masked_reference(B, L, S, causal, window, Hk, 32, 16, F32)
+
+
+def _dropout_against_masked_reference(B, L, S, causal, window, Hk, E, Ev, dtype):
     # Ours with dropout equals softmax(...) * keep / (1 - p) @ v with the keep mask read off as above, in the
     # output and in all gradients: the backward redraws exactly the forward's mask. (B = 1: few heads, so the
     # kernels split the keys among threads.)
     p, seed = 0.3, 17
     H = 2
     keep = dropout_keep(B, H, L, S, p, seed)
-    q, k, v = qkv(B, H, L, S, 8, 6, Hk=Hk)
-    mask = randn(L, S, seed=5)
+    q, k, v = qkv(B, H, L, S, E, Ev, Hk=Hk, dtype=dtype)
+    mask = randn(L, S, seed=5, dtype=dtype)
     allowed = band_mask(L, S, *(window or (None, None)), causal=causal)
 
     def reference(q, k, v, attn_mask=None, **_):

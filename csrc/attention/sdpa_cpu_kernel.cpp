@@ -302,6 +302,24 @@ void pack_key_strips(int64_t S, int64_t E, const float* k, int64_t row, float* o
   }
 }
 
+// The backward's: Q K^T and dO V^T over strips of keys (K = E, Ev), dS K over strips of E columns (E a multiple
+// of 16), dV^T and dK^T over each query tile's P and dS packed as strips of keys.
+bool backward_strips(const SdpaSizes& s) {
+  return kStripPanels && s.head_dim <= kStripChunk && s.v_dim <= kStripChunk && s.head_dim % kStripColumns == 0;
+}
+
+// rows x cols of a tile (rows ld apart) as strips of 16 columns, zero from column cols to cols_padded.
+void pack_tile_strips(int64_t rows, int64_t cols, int64_t cols_padded, const float* tile, int64_t ld, float* out) {
+  for (int64_t c0 = 0; c0 < cols_padded; c0 += kStripColumns) {
+    float* strip = out + c0 * rows;
+    const int64_t n = std::clamp<int64_t>(cols - c0, 0, kStripColumns);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::memcpy(strip + r * kStripColumns, tile + r * ld + c0, sizeof(float) * n);
+      std::fill(strip + r * kStripColumns + n, strip + (r + 1) * kStripColumns, 0.0f);
+    }
+  }
+}
+
 void pack_value_strips(int64_t S, int64_t Ev, const float* v, int64_t row, float* out) {
   for (int64_t j0 = 0; j0 < S; j0 += kKeyTile) {
     const int64_t keys = std::min(kKeyTile, S - j0);
@@ -450,6 +468,7 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
   const int64_t E = s.head_dim, Ev = s.v_dim, L = s.q_len, S = s.kv_len;
   if (s.kv_heads == 0) return;  // no heads: nothing to differentiate
   const int64_t group = s.q_heads / s.kv_heads;
+  const bool strips = std::is_same_v<T, float> && backward_strips(s);
   const T scale = static_cast<T>(a.scale);
   const bool dropout = m.dropout_p > 0;
   const uint32_t threshold = dropout_threshold(m.dropout_p);
@@ -493,6 +512,11 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
       std::vector<T> key_t(E * kKeyTile), value_t(Ev * kKeyTile), probs(kQueryTile * kKeyTile),
           dprobs(kQueryTile * kKeyTile),
           dk_t(E * kKeyTile), dv_t(Ev * kKeyTile), q_scaled(L * E), q_t(E * L), grad_out_t(Ev * L);
+      // With strips (backward_strips): the key tile as strips of keys (Q K^T) and of E columns (dS K), the value
+      // tile as strips of keys (dO V^T), and each query tile's P and dS as strips (dV^T, dK^T).
+      std::vector<float> key_strips(strips ? E * kKeyTile : 0), key_rows(strips ? E * kKeyTile : 0),
+          value_strips(strips ? Ev * kKeyTile : 0), kept_strips(strips ? kQueryTile * kKeyTile : 0),
+          ds_strips(strips ? kQueryTile * kKeyTile : 0);
       T* dq_base = split_keys ? private_dq.data() + size_t(group_index) * total_rows * E : a.grad_q;
       int64_t prepared_head = -1;
       for (int64_t item = begin; item < end; ++item) {
@@ -503,8 +527,19 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
         const T* v = a.v + b * a.v_strides.batch + kvh * a.v_strides.head;
         for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
           const int64_t j0 = tile * kKeyTile, cols = std::min(kKeyTile, S - j0);
-          transpose_tile(k + j0 * a.k_strides.row, a.k_strides.row, cols, E, key_t.data(), cols);
-          transpose_tile(v + j0 * a.v_strides.row, a.v_strides.row, cols, Ev, value_t.data(), cols);
+          // Products with strips run over whole strips of keys: ld_d is dK^T's and dV^T's row length.
+          const int64_t cols_padded = (cols + kStripColumns - 1) / kStripColumns * kStripColumns;
+          const int64_t ld_d = strips ? cols_padded : cols;
+          if constexpr (std::is_same_v<T, float>)
+            if (strips) {
+              pack_key_strips(cols, E, k + j0 * a.k_strides.row, a.k_strides.row, key_strips.data());
+              pack_strips(cols, E, k + j0 * a.k_strides.row, a.k_strides.row, key_rows.data());
+              pack_key_strips(cols, Ev, v + j0 * a.v_strides.row, a.v_strides.row, value_strips.data());
+            }
+          if (!strips) {
+            transpose_tile(k + j0 * a.k_strides.row, a.k_strides.row, cols, E, key_t.data(), cols);
+            transpose_tile(v + j0 * a.v_strides.row, a.v_strides.row, cols, Ev, value_t.data(), cols);
+          }
           std::fill(dk_t.begin(), dk_t.end(), T(0));
           std::fill(dv_t.begin(), dv_t.end(), T(0));
           int64_t i_lo, i_hi;
@@ -526,7 +561,12 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
               const T* lse = a.lse + 2 * (bh * L + i0);
               // P = exp((scores - max) - log sum), recomputed; two terms, as one log-sum-exp number would lose
               // the sum under a huge additive mask (-1e9 padding).
-              gemm(rows, cols, E, q_scaled.data() + i0 * E, E, key_t.data(), cols, probs.data(), kKeyTile, false);
+              if constexpr (std::is_same_v<T, float>)
+                if (strips)
+                  strip_gemm(rows, cols_padded, E, q_scaled.data() + i0 * E, E, key_strips.data(), probs.data(),
+                             kKeyTile, false);
+              if (!strips)
+                gemm(rows, cols, E, q_scaled.data() + i0 * E, E, key_t.data(), cols, probs.data(), kKeyTile, false);
               finish_scores(probs.data(), kKeyTile, rows, cols, i0, j0, b, h, s, m, T(1));
               for (int64_t r = 0; r < rows; ++r) {
                 T* p = probs.data() + r * kKeyTile;
@@ -547,9 +587,19 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
                 }
                 kept = dprobs.data();
               }
-              gemm(Ev, cols, rows, grad_out_t.data() + i0, L, kept, kKeyTile, dv_t.data(), cols, true);
-              // dP = dO V^T (through the dropout mask), dS = P * (dP - D)
-              gemm(rows, cols, Ev, grad_out, Ev, value_t.data(), cols, dprobs.data(), kKeyTile, false);
+              if constexpr (std::is_same_v<T, float>)
+                if (strips) {
+                  pack_tile_strips(rows, cols, cols_padded, kept, kKeyTile, kept_strips.data());
+                  strip_gemm(Ev, cols_padded, rows, grad_out_t.data() + i0, L, kept_strips.data(), dv_t.data(),
+                             ld_d, true);
+                  strip_gemm(rows, cols_padded, Ev, grad_out, Ev, value_strips.data(), dprobs.data(), kKeyTile,
+                             false);
+                }
+              if (!strips) {
+                gemm(Ev, cols, rows, grad_out_t.data() + i0, L, kept, kKeyTile, dv_t.data(), cols, true);
+                // dP = dO V^T (through the dropout mask), dS = P * (dP - D)
+                gemm(rows, cols, Ev, grad_out, Ev, value_t.data(), cols, dprobs.data(), kKeyTile, false);
+              }
               for (int64_t r = 0; r < rows; ++r) {
                 const T* p = probs.data() + r * kKeyTile;
                 T* ds = dprobs.data() + r * kKeyTile;
@@ -561,6 +611,14 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
                   std::copy(ds, ds + cols, a.grad_mask + (bh * L + i0 + r) * S + j0);
               }
               // dQ += dS K and dK^T += Q^T dS, both without the scale (applied once at the end)
+              if constexpr (std::is_same_v<T, float>)
+                if (strips) {
+                  strip_gemm(rows, E, cols, dprobs.data(), kKeyTile, key_rows.data(), dq_base + (bh * L + i0) * E,
+                             E, true);
+                  pack_tile_strips(rows, cols, cols_padded, dprobs.data(), kKeyTile, ds_strips.data());
+                  strip_gemm(E, cols_padded, rows, q_t.data() + i0, L, ds_strips.data(), dk_t.data(), ld_d, true);
+                  continue;
+                }
               gemm(rows, E, cols, dprobs.data(), kKeyTile, k + j0 * a.k_strides.row, a.k_strides.row,
                    dq_base + (bh * L + i0) * E, E, true);
               gemm(E, cols, rows, q_t.data() + i0, L, dprobs.data(), kKeyTile, dk_t.data(), cols, true);
@@ -568,8 +626,8 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
           }
           T* grad_k = a.grad_k + (head * S + j0) * E;
           T* grad_v = a.grad_v + (head * S + j0) * Ev;
-          fast_transpose(E, cols, dk_t.data(), cols, grad_k, E);
-          fast_transpose(Ev, cols, dv_t.data(), cols, grad_v, Ev);
+          fast_transpose(E, cols, dk_t.data(), ld_d, grad_k, E);
+          fast_transpose(Ev, cols, dv_t.data(), ld_d, grad_v, Ev);
           for (int64_t x = 0; x < cols * E; ++x) grad_k[x] *= scale;
         }
       }
