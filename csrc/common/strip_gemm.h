@@ -118,6 +118,23 @@ inline void row_strips(int64_t K, const float* a, const float* strips, int64_t s
 
 }  // namespace strip_detail
 
+// Calls tile(m0, rows) over [0, M) in tiles of at most 6 rows and, where M > 6, at least 3: a last tile of 1 or 2
+// rows (M = 32: 5 x 6 + 2) has too few accumulators to cover the FMA latency, so the last 7 or 8 rows go as
+// 4 + 3 or 4 + 4.
+template <typename Tile>
+inline void for_row_tiles(int64_t M, Tile tile) {
+  const int64_t rest = M % 6;
+  const int64_t sixes_end = (M > 6 && (rest == 1 || rest == 2)) ? M - 6 - rest : M - rest;
+  for (int64_t m0 = 0; m0 < sixes_end; m0 += 6) tile(m0, int64_t{6});
+  const int64_t left = M - sixes_end;
+  if (left > 6) {
+    tile(sixes_end, int64_t{4});
+    tile(sixes_end + 4, left - 4);
+  } else if (left > 0) {
+    tile(sixes_end, left);
+  }
+}
+
 // Up to this many rows a product runs row by row over groups of four strips (a tile of so few rows would leave
 // the FMA latency uncovered).
 constexpr int64_t kStripFewRows = 4;
@@ -142,9 +159,9 @@ inline void strip_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t 
       continue;
     }
     for (int64_t n0 = 0; n0 < N; n0 += kStripColumns)
-      for (int64_t m0 = 0; m0 < M; m0 += 6)
-        strip_detail::rows_tile(std::min<int64_t>(6, M - m0), kb, A + m0 * lda + k0, lda, chunk + n0 * kb,
-                                C + m0 * ldc + n0, ldc, add);
+      for_row_tiles(M, [&](int64_t m0, int64_t rows) {
+        strip_detail::rows_tile(rows, kb, A + m0 * lda + k0, lda, chunk + n0 * kb, C + m0 * ldc + n0, ldc, add);
+      });
   }
 }
 #else

@@ -162,21 +162,21 @@ inline void tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t
   }
 }
 
-// All rows of a product, six at a time.
+// All rows of a product, in tiles of up to six (for_row_tiles).
 inline void tiles(int64_t rows, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, Start start,
                   const float* init, float* C, int64_t ldc, const Columns& cols, bool relu) {
-  int64_t m0 = 0;
-  for (; m0 + 6 <= rows; m0 += 6) tile<6>(K, A + m0 * lda, lda, B, ldb, start, init, C + m0 * ldc, ldc, cols, relu);
-  A += m0 * lda;
-  C += m0 * ldc;
-  switch (rows - m0) {
-    case 5: return tile<5>(K, A, lda, B, ldb, start, init, C, ldc, cols, relu);
-    case 4: return tile<4>(K, A, lda, B, ldb, start, init, C, ldc, cols, relu);
-    case 3: return tile<3>(K, A, lda, B, ldb, start, init, C, ldc, cols, relu);
-    case 2: return tile<2>(K, A, lda, B, ldb, start, init, C, ldc, cols, relu);
-    case 1: return tile<1>(K, A, lda, B, ldb, start, init, C, ldc, cols, relu);
-    default: return;
-  }
+  for_row_tiles(rows, [&](int64_t m0, int64_t n) {
+    const float* a = A + m0 * lda;
+    float* c = C + m0 * ldc;
+    switch (n) {
+      case 6: return tile<6>(K, a, lda, B, ldb, start, init, c, ldc, cols, relu);
+      case 5: return tile<5>(K, a, lda, B, ldb, start, init, c, ldc, cols, relu);
+      case 4: return tile<4>(K, a, lda, B, ldb, start, init, c, ldc, cols, relu);
+      case 3: return tile<3>(K, a, lda, B, ldb, start, init, c, ldc, cols, relu);
+      case 2: return tile<2>(K, a, lda, B, ldb, start, init, c, ldc, cols, relu);
+      default: return tile<1>(K, a, lda, B, ldb, start, init, c, ldc, cols, relu);
+    }
+  });
 }
 
 }  // namespace made_strip_detail
