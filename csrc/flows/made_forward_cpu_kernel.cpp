@@ -18,6 +18,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -213,19 +214,31 @@ void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows, int64_t
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t i = 0; i < D; ++i) scale[r * D + i] = params[r * 2 * D + 2 * i];
   affine_scales(scale.data(), log_scale.data(), static_cast<T*>(nullptr), rows * D, a.epsilon);
-  T finite = 0;  // x - x: 0 for finite x, NaN for NaN and inf, so the sum says whether any was
+  // Row sums in vector lanes: a scalar running sum is one dependent add per feature.
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const auto add = [](const Vec& u, const Vec& v) { return u + v; };
+  Vec finite(0);  // x - x: 0 for finite x, NaN for NaN and inf, so the sum says whether any was
   for (int64_t r = 0; r < rows; ++r) {
     const T* p = params + r * 2 * D;
     const T* x = a.inputs + (n0 + r) * D;
-    T logdet = 0;
-    for (int64_t i = 0; i < D; ++i) {
-      a.outputs[(n0 + r) * D + i] = scale[r * D + i] * x[i] + p[2 * i + 1];
-      logdet += log_scale[r * D + i];
-      finite += x[i] - x[i];
+    for (int64_t i = 0; i < D; ++i) a.outputs[(n0 + r) * D + i] = scale[r * D + i] * x[i] + p[2 * i + 1];
+    Vec sum(0);
+    int64_t i = 0;
+    for (; i + W <= D; i += W) {
+      const Vec xv = Vec::loadu(x + i);
+      finite = finite + (xv - xv);
+      sum = sum + Vec::loadu(log_scale.data() + r * D + i);
     }
-    a.logabsdet[n0 + r] = logdet;
+    if (i < D) {  // the row's last partial vector
+      const Vec xv = Vec::loadu(x + i, D - i);
+      finite = finite + Vec::set(Vec(0), xv - xv, D - i);
+      sum = sum + Vec::set(Vec(0), Vec::loadu(log_scale.data() + r * D + i, D - i), D - i);
+    }
+    a.logabsdet[n0 + r] = at::vec::vec_reduce_all<T>(add, sum);
   }
-  if (finite != 0 || finite != finite) a.nonfinite_inputs->store(true, std::memory_order_relaxed);
+  const T any = at::vec::vec_reduce_all<T>(add, finite);
+  if (any != 0 || any != any) a.nonfinite_inputs->store(true, std::memory_order_relaxed);
 }
 
 template <typename T>
@@ -233,9 +246,14 @@ void forward(const MadeForwardArgs<T>& a) {
   const int64_t rows = slab_rows(a.layers, a.num_layers, a.batch);
   const int64_t slabs = (a.batch + rows - 1) / rows;
   const ForwardStrips st = forward_strips_of(a);
-  parallel_for(slabs, 1, [&](int64_t begin, int64_t end) {
+  // Slabs are taken from a shared counter rather than dealt out in equal shares: on a shared machine one core
+  // can run slower for a while, and the other then takes more slabs instead of waiting (slabs are independent,
+  // so the results do not depend on who computed them).
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(num_threads(), slabs);
+  parallel_for(workers, 1, [&](int64_t, int64_t) {
     SlabRows<T> slab;
-    for (int64_t s = begin; s < end; ++s)
+    for (int64_t s = next.fetch_add(1); s < slabs; s = next.fetch_add(1))
       forward_slab(a, s * rows, std::min(rows, a.batch - s * rows), rows, slab, st);
   });
 }
