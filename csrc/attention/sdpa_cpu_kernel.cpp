@@ -285,11 +285,12 @@ void decode_impl(const SdpaForwardArgs<T>& a) {
 
 // On AVX2-only builds (common/strip_gemm.h) the forward's two products run the 6 x 16 strip tile on keys and
 // values packed once per head, where oneDNN's AVX2 micro-kernel on 64 x 128 x 128 tiles fell behind torch's
-// blocking at head size 128. Keys: strips of 16 keys, each E rows of 16 (zero past the last key), so a key
+// blocking at head size 128. Not on AVX-512: on a Xeon, oneDNN's tiles were 6-8% faster than the 12 x 32 strip
+// tile in an A/B (forward and MultiheadAttention alike). Keys: strips of 16 keys, each E rows of 16 (zero past the last key), so a key
 // tile's strips are contiguous and Q K^T is strip_gemm with K = E. Values: per key tile, strips of 16 value
 // columns with the tile's rows, the layout strip_gemm reads for P V with K = the tile's keys.
 bool forward_strips(const SdpaSizes& s) {
-  return kStripPanels && s.head_dim <= kStripChunk && s.v_dim % kStripColumns == 0;
+  return kStripPanels && !kAvx512Strips && s.head_dim <= kStripChunk && s.v_dim % kStripColumns == 0;
 }
 
 void pack_key_strips(int64_t S, int64_t E, const float* k, int64_t row, float* out) {
@@ -307,7 +308,7 @@ void pack_key_strips(int64_t S, int64_t E, const float* k, int64_t row, float* o
 // on Zen 3, fwd+bwd (8, 8, 256, D): D = 128 62-78 ms against 76-81 on oneDNN's tiles, but D = 64 10-15% slower
 // (packing P and dS per query tile costs twice as much per FLOP at half the head size).
 bool backward_strips(const SdpaSizes& s) {
-  return kStripPanels && s.head_dim > 64 && s.head_dim <= kStripChunk && s.v_dim <= kStripChunk &&
+  return kStripPanels && !kAvx512Strips && s.head_dim > 64 && s.head_dim <= kStripChunk && s.v_dim <= kStripChunk &&
          s.head_dim % kStripColumns == 0;
 }
 

@@ -1,15 +1,17 @@
-// A float GEMM on a right operand packed once into 16-column strips, for kernel files built with AVX2 but not
-// AVX-512 (kStripPanels says whether this build has it). Weights that many products reuse (an LSTM's gate
-// panels) are packed this way when the layer starts; each product then runs a 6 x 16 register tile over a
-// strip held in L1, where oneDNN's AVX2 micro-kernel reached 70-80% of the peak on the same blocks. Include only
-// from kernel files (compiled once per ISA).
+// A float GEMM on a right operand packed once into strips of two vectors' width (16 columns on AVX2, 32 on
+// AVX-512), for kernel files built with AVX2 or AVX-512 (kStripPanels says whether this build has it). Weights
+// that many products reuse (an LSTM's gate panels, a MADE's masked weights, attention's key and value tiles) are
+// packed this way once; each product then runs a register tile of 6 (AVX2) or 12 (AVX-512) rows over a strip
+// held in L1, where oneDNN's micro-kernel reached 60-80% of the peak on the same blocks. Include only from
+// kernel files (compiled once per ISA).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #define FL_STRIP_PANELS 1
 #else
@@ -19,12 +21,75 @@
 namespace fl::FL_ISA {
 
 constexpr bool kStripPanels = FL_STRIP_PANELS != 0;
+
+#if FL_STRIP_PANELS
+namespace strip_detail {
+// The few vector operations the tiles need, for the ISA this file is built for.
+#if defined(__AVX512F__)
+using Vec = __m512;
+using LaneMask = __mmask16;
+constexpr int64_t kVecFloats = 16;
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vbroadcast(const float* p) { return _mm512_set1_ps(*p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }  // b where either is NaN
+// The first n lanes (n clamped to [0, 16]).
+inline LaneMask first_lanes(int64_t n) {
+  return static_cast<LaneMask>(n <= 0 ? 0u : n >= kVecFloats ? 0xffffu : (1u << n) - 1u);
+}
+inline Vec vmaskload(const float* p, LaneMask m) { return _mm512_maskz_loadu_ps(m, p); }
+inline void vmaskstore(float* p, LaneMask m, Vec v) { _mm512_mask_storeu_ps(p, m, v); }
+#else
+using Vec = __m256;
+using LaneMask = __m256i;
+constexpr int64_t kVecFloats = 8;
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vbroadcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }  // b where either is NaN
+inline LaneMask first_lanes(int64_t n) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(n, 0, kVecFloats))), lane);
+}
+inline Vec vmaskload(const float* p, LaneMask m) { return _mm256_maskload_ps(p, m); }
+inline void vmaskstore(float* p, LaneMask m, Vec v) { _mm256_maskstore_ps(p, m, v); }
+#endif
+}  // namespace strip_detail
+constexpr int64_t kStripColumns = 2 * strip_detail::kVecFloats;
+#else
 constexpr int64_t kStripColumns = 16;
-// K rows per chunk: a strip chunk (kStripChunk x 16 floats, 16 KiB) stays in L1 while the row tiles pass.
+#endif
+// Rows of a register tile: 2 accumulators per row, so 12 of AVX2's 16 registers, or 24 of AVX-512's 32 (whose
+// FMAs are twice as wide, so each broadcast of A feeds twice the work).
+#if defined(__AVX512F__)
+constexpr int kTileRows = 12;
+constexpr bool kAvx512Strips = true;
+#else
+constexpr int kTileRows = 6;
+constexpr bool kAvx512Strips = false;
+#endif
+
+// Calls f(std::integral_constant<int, n>{}) for a run-time n in [1, kMax]: the tiles are templates on their rows.
+template <int kMax = kTileRows, typename F>
+inline void with_tile_rows(int64_t n, F&& f) {
+  if constexpr (kMax == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else {
+    if (n >= kMax) return f(std::integral_constant<int, kMax>{});
+    with_tile_rows<kMax - 1>(n, f);
+  }
+}
+// K rows per chunk: a strip chunk (kStripChunk x kStripColumns floats, 16 or 32 KiB) stays in L1 while the row
+// tiles pass.
 constexpr int64_t kStripChunk = 256;
 
-// B [K x N] (row-major, N a multiple of 16) as strips, chunk by chunk: chunk c holds rows [c * kStripChunk, ...),
-// strip s of it columns [16 s, 16 s + 16), each row of a strip 16 contiguous floats. Same size as B.
+// B [K x N] (row-major, N a multiple of kStripColumns) as strips, chunk by chunk: chunk c holds rows
+// [c * kStripChunk, ...), strip s of it columns [kStripColumns s, kStripColumns (s + 1)), each row of a strip kStripColumns contiguous
+// floats. Same size as B.
 inline void pack_strips(int64_t K, int64_t N, const float* B, int64_t ldb, float* out) {
   for (int64_t k0 = 0; k0 < K; k0 += kStripChunk) {
     const int64_t kb = std::min(kStripChunk, K - k0);
@@ -38,100 +103,95 @@ inline void pack_strips(int64_t K, int64_t N, const float* B, int64_t ldb, float
 #if FL_STRIP_PANELS
 namespace strip_detail {
 
-// lo/hi[r] += A[r, 0:K] times B [K x 16] (rows ldb apart: 16 in a packed strip), r < kRows: the inner loop of
+// lo/hi[r] += A[r, 0:K] times B [K x kStripColumns] (rows ldb apart: kStripColumns in a packed strip), r < kRows: the inner loop of
 // every strip tile. Always inlined, so that the accumulators stay in registers.
 template <int kRows>
 __attribute__((always_inline)) inline void fma_rows(int64_t K, const float* A, int64_t lda, const float* B,
-                                                    int64_t ldb, __m256 (&lo)[kRows], __m256 (&hi)[kRows]) {
+                                                    int64_t ldb, Vec (&lo)[kRows], Vec (&hi)[kRows]) {
   for (int64_t k = 0; k < K; ++k) {
-    const __m256 b_lo = _mm256_loadu_ps(B + k * ldb);
-    const __m256 b_hi = _mm256_loadu_ps(B + k * ldb + 8);
-#pragma GCC unroll 6
+    const Vec b_lo = vload(B + k * ldb);
+    const Vec b_hi = vload(B + k * ldb + kVecFloats);
+#pragma GCC unroll 16
     for (int r = 0; r < kRows; ++r) {
-      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
-      lo[r] = _mm256_fmadd_ps(a, b_lo, lo[r]);
-      hi[r] = _mm256_fmadd_ps(a, b_hi, hi[r]);
+      const Vec a = vbroadcast(A + r * lda + k);
+      lo[r] = vfma(a, b_lo, lo[r]);
+      hi[r] = vfma(a, b_hi, hi[r]);
     }
   }
 }
 
-// C[kRows x 16] (+)= A[kRows x K] (rows lda apart) times one strip [K x 16]. Every loop over the rows is unrolled
+// C[kRows x kStripColumns] (+)= A[kRows x K] (rows lda apart) times one strip. Every loop over the rows is unrolled
 // and branch-free so that GCC keeps the 12 accumulators in registers.
 template <int kRows>
 inline void tile(int64_t K, const float* A, int64_t lda, const float* strip, float* C, int64_t ldc, bool accumulate) {
-  __m256 lo[kRows], hi[kRows];
+  Vec lo[kRows], hi[kRows];
   if (accumulate) {
-#pragma GCC unroll 6
+#pragma GCC unroll 16
     for (int r = 0; r < kRows; ++r) {
-      lo[r] = _mm256_loadu_ps(C + r * ldc);
-      hi[r] = _mm256_loadu_ps(C + r * ldc + 8);
+      lo[r] = vload(C + r * ldc);
+      hi[r] = vload(C + r * ldc + kVecFloats);
     }
   } else {
-#pragma GCC unroll 6
-    for (int r = 0; r < kRows; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+#pragma GCC unroll 16
+    for (int r = 0; r < kRows; ++r) lo[r] = hi[r] = vzero();
   }
   fma_rows<kRows>(K, A, lda, strip, kStripColumns, lo, hi);
-#pragma GCC unroll 6
+#pragma GCC unroll 16
   for (int r = 0; r < kRows; ++r) {
-    _mm256_storeu_ps(C + r * ldc, lo[r]);
-    _mm256_storeu_ps(C + r * ldc + 8, hi[r]);
+    vstore(C + r * ldc, lo[r]);
+    vstore(C + r * ldc + kVecFloats, hi[r]);
   }
 }
 
 inline void rows_tile(int64_t rows, int64_t K, const float* A, int64_t lda, const float* strip, float* C,
                       int64_t ldc, bool accumulate) {
-  switch (rows) {
-    case 6: return tile<6>(K, A, lda, strip, C, ldc, accumulate);
-    case 5: return tile<5>(K, A, lda, strip, C, ldc, accumulate);
-    case 4: return tile<4>(K, A, lda, strip, C, ldc, accumulate);
-    case 3: return tile<3>(K, A, lda, strip, C, ldc, accumulate);
-    case 2: return tile<2>(K, A, lda, strip, C, ldc, accumulate);
-    default: return tile<1>(K, A, lda, strip, C, ldc, accumulate);
-  }
+  with_tile_rows(rows, [&](auto n) { tile<decltype(n)::value>(K, A, lda, strip, C, ldc, accumulate); });
 }
 
-// C[1 x 16 kStrips] (+)= a[1 x K] times kStrips consecutive strips (kb rows each, `stride` floats apart): a row of
+// C[1 x kStripColumns kStrips] (+)= a[1 x K] times kStrips consecutive strips (kb rows each, `stride` floats apart): a row of
 // a few-row product, 2 kStrips independent accumulators so that the FMA latency is covered.
 template <int kStrips>
 inline void row_strips(int64_t K, const float* a, const float* strips, int64_t stride, float* c, bool accumulate) {
-  __m256 acc[2 * kStrips];
+  Vec acc[2 * kStrips];
   if (accumulate) {
 #pragma GCC unroll 8
-    for (int v = 0; v < 2 * kStrips; ++v) acc[v] = _mm256_loadu_ps(c + 8 * v);
+    for (int v = 0; v < 2 * kStrips; ++v) acc[v] = vload(c + kVecFloats * v);
   } else {
 #pragma GCC unroll 8
-    for (int v = 0; v < 2 * kStrips; ++v) acc[v] = _mm256_setzero_ps();
+    for (int v = 0; v < 2 * kStrips; ++v) acc[v] = vzero();
   }
   for (int64_t k = 0; k < K; ++k) {
-    const __m256 av = _mm256_broadcast_ss(a + k);
+    const Vec av = vbroadcast(a + k);
 #pragma GCC unroll 4
     for (int s = 0; s < kStrips; ++s) {  // B streams from L2 at a few rows per step: prefetched ahead
       const float* row = strips + s * stride + k * kStripColumns;
       _mm_prefetch(reinterpret_cast<const char*>(row + 8 * kStripColumns), _MM_HINT_T0);
-      acc[2 * s] = _mm256_fmadd_ps(av, _mm256_loadu_ps(row), acc[2 * s]);
-      acc[2 * s + 1] = _mm256_fmadd_ps(av, _mm256_loadu_ps(row + 8), acc[2 * s + 1]);
+      acc[2 * s] = vfma(av, vload(row), acc[2 * s]);
+      acc[2 * s + 1] = vfma(av, vload(row + kVecFloats), acc[2 * s + 1]);
     }
   }
 #pragma GCC unroll 8
-  for (int v = 0; v < 2 * kStrips; ++v) _mm256_storeu_ps(c + 8 * v, acc[v]);
+  for (int v = 0; v < 2 * kStrips; ++v) vstore(c + kVecFloats * v, acc[v]);
 }
 
 }  // namespace strip_detail
 
-// Calls tile(m0, rows) over [0, M) in tiles of at most 6 rows and, where M > 6, at least 3: a last tile of 1 or 2
-// rows (M = 32: 5 x 6 + 2) has too few accumulators to cover the FMA latency, so the last 7 or 8 rows go as
-// 4 + 3 or 4 + 4.
+// Calls tile(m0, rows) over [0, M) in tiles of at most kTileRows rows and, where M > kTileRows, at least 3: a
+// last tile of 1 or 2 rows (M = 32 on AVX2: 5 x 6 + 2) has too few accumulators to cover the FMA latency, so the
+// last kTileRows + 1 or + 2 rows go as two tiles of about half (6 + 1 -> 4 + 3, 6 + 2 -> 4 + 4).
 template <typename Tile>
 inline void for_row_tiles(int64_t M, Tile tile) {
-  const int64_t rest = M % 6;
-  const int64_t sixes_end = (M > 6 && (rest == 1 || rest == 2)) ? M - 6 - rest : M - rest;
-  for (int64_t m0 = 0; m0 < sixes_end; m0 += 6) tile(m0, int64_t{6});
-  const int64_t left = M - sixes_end;
-  if (left > 6) {
-    tile(sixes_end, int64_t{4});
-    tile(sixes_end + 4, left - 4);
+  constexpr int64_t R = kTileRows;
+  const int64_t rest = M % R;
+  const int64_t full_end = (M > R && (rest == 1 || rest == 2)) ? M - R - rest : M - rest;
+  for (int64_t m0 = 0; m0 < full_end; m0 += R) tile(m0, R);
+  const int64_t left = M - full_end;
+  if (left > R) {
+    const int64_t first = (left + 1) / 2;
+    tile(full_end, first);
+    tile(full_end + first, left - first);
   } else if (left > 0) {
-    tile(sixes_end, left);
+    tile(full_end, left);
   }
 }
 
@@ -139,7 +199,7 @@ inline void for_row_tiles(int64_t M, Tile tile) {
 // the FMA latency uncovered).
 constexpr int64_t kStripFewRows = 4;
 
-// C[M x N] (+)= A[M x K] B, B packed by pack_strips (N a multiple of 16).
+// C[M x N] (+)= A[M x K] B, B packed by pack_strips (N a multiple of kStripColumns).
 inline void strip_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* strips, float* C,
                        int64_t ldc, bool accumulate) {
   for (int64_t k0 = 0; k0 < K; k0 += kStripChunk) {
@@ -152,9 +212,9 @@ inline void strip_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t 
         const float* a = A + m * lda + k0;
         float* c = C + m * ldc;
         int64_t s = 0;
-        for (; s + 4 <= count; s += 4) strip_detail::row_strips<4>(kb, a, chunk + s * stride, stride, c + 16 * s, add);
-        for (; s + 2 <= count; s += 2) strip_detail::row_strips<2>(kb, a, chunk + s * stride, stride, c + 16 * s, add);
-        for (; s < count; ++s) strip_detail::row_strips<1>(kb, a, chunk + s * stride, stride, c + 16 * s, add);
+        for (; s + 4 <= count; s += 4) strip_detail::row_strips<4>(kb, a, chunk + s * stride, stride, c + kStripColumns * s, add);
+        for (; s + 2 <= count; s += 2) strip_detail::row_strips<2>(kb, a, chunk + s * stride, stride, c + kStripColumns * s, add);
+        for (; s < count; ++s) strip_detail::row_strips<1>(kb, a, chunk + s * stride, stride, c + kStripColumns * s, add);
       }
       continue;
     }

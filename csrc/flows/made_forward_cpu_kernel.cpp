@@ -1,8 +1,8 @@
 // CPU kernels of the fused MAF forward pass and its backward (see made_kernel.h). Built once per ISA.
 //
 // A work item is a slab of samples that runs the whole network. Units are sorted by degree, so the masked
-// weights are block-triangular and the zero blocks are skipped: on AVX2-only builds (float) each product runs on
-// the layer's weight packed once as 16-unit strips (flows/made_strips.h); elsewhere every product is
+// weights are block-triangular and the zero blocks are skipped: on AVX2 and AVX-512 builds (float) each product
+// runs on the layer's weight packed once as 16- or 32-unit strips (flows/made_strips.h); elsewhere every product is
 // [rows x K] x [K x 32] on the GEMM engine, over one block of 32 output units with K the inputs that block can
 // see. The affine map and the log-determinant are the output layer's epilogue. The backward walks the layers in
 // reverse per slab; weight and bias gradients are summed per worker and then across workers.
@@ -113,7 +113,7 @@ struct SlabRows {
   }
 };
 
-// The layouts of the layers' strips (when the op layer packed them: float on AVX2-only builds) and their
+// The layouts of the layers' strips (when the op layer packed them: float on AVX2 and AVX-512 builds) and their
 // biases padded for the tiles.
 struct ForwardStrips {
   bool on = false;

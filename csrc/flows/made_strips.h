@@ -1,6 +1,7 @@
-// The MADE's products on builds with the AVX2 strip kernel (common/strip_gemm.h). Units are sorted by degree, so
-// each masked weight is block-triangular; packed into 16-column strips that keep only the rows a strip can reach,
-// the products skip the masked-out blocks at 16-unit granularity and run a 6 x 16 register tile:
+// The MADE's products on builds with the strip kernel (common/strip_gemm.h: AVX2 or AVX-512). Units are sorted by
+// degree, so each masked weight is block-triangular; packed into strips (16 columns on AVX2, 32 on AVX-512) that
+// keep only the rows a strip can reach, the products skip the masked-out blocks at strip granularity and run a
+// register tile of kTileRows rows:
 //   forward   z  = a W^T + bias  strips over output units, rows [0, extent of the strip's last unit)
 //   backward  dA = dZ W          strips over input units, rows [first unit that reads them, out)
 //             dW^T += A^T dZ     accumulated in the forward's layout
@@ -18,8 +19,8 @@
 namespace fl::FL_ISA {
 
 // Where one layer's strips lie in its buffer (offsets in floats). Strip s holds the product's columns
-// [16 s, 16 s + 16) (zero past the last) and the rows [first[s], first[s] + rows(s)) of the right operand,
-// 16 floats per row.
+// [kStripColumns s, kStripColumns (s + 1)) (zero past the last) and the rows [first[s], first[s] + rows(s)) of
+// the right operand, kStripColumns floats per row.
 struct MadeStripLayout {
   int64_t columns = 0;
   std::vector<int64_t> offset;  // [strips + 1]
@@ -99,83 +100,76 @@ inline void unpack_made_strips_transposed(const MadeStripLayout& layout, const f
 #if FL_STRIP_PANELS
 namespace made_strip_detail {
 
-// Which of a strip's 16 columns exist: the last strip of a layer may be partial.
+// Which of a strip's columns exist: the last strip of a layer may be partial.
 struct Columns {
   bool full = true;
-  __m256i lo, hi;
-  explicit Columns(int64_t cols) : full(cols == kStripColumns) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    lo = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols)), lane);
-    hi = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols) - 8), lane);
-  }
+  strip_detail::LaneMask lo, hi;
+  explicit Columns(int64_t cols)
+      : full(cols == kStripColumns),
+        lo(strip_detail::first_lanes(cols)),
+        hi(strip_detail::first_lanes(cols - strip_detail::kVecFloats)) {}
 };
 
-// How a tile's accumulators start: from a 16-float row (a bias or zeros), or from C.
+// How a tile's accumulators start: from a row of kStripColumns floats (a bias or zeros), or from C.
 enum class Start { row, c };
 
-// C[kRows x cols] = (start == row ? init : C) + A[kRows x K] B[K x 16] (B's rows ldb apart).
+// C[kRows x cols] = (start == row ? init : C) + A[kRows x K] B[K x kStripColumns] (B's rows ldb apart).
 template <int kRows>
 inline void tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, Start start, const float* init,
                  float* C, int64_t ldc, const Columns& cols, bool relu) {
-  __m256 lo[kRows], hi[kRows];
+  using namespace strip_detail;
+  Vec lo[kRows], hi[kRows];
   if (start == Start::row) {
-    const __m256 b_lo = _mm256_loadu_ps(init), b_hi = _mm256_loadu_ps(init + 8);
-#pragma GCC unroll 6
+    const Vec b_lo = vload(init), b_hi = vload(init + kVecFloats);
+#pragma GCC unroll 16
     for (int r = 0; r < kRows; ++r) {
       lo[r] = b_lo;
       hi[r] = b_hi;
     }
   } else if (cols.full) {
-#pragma GCC unroll 6
+#pragma GCC unroll 16
     for (int r = 0; r < kRows; ++r) {
-      lo[r] = _mm256_loadu_ps(C + r * ldc);
-      hi[r] = _mm256_loadu_ps(C + r * ldc + 8);
+      lo[r] = vload(C + r * ldc);
+      hi[r] = vload(C + r * ldc + kVecFloats);
     }
   } else {
-#pragma GCC unroll 6
+#pragma GCC unroll 16
     for (int r = 0; r < kRows; ++r) {
-      lo[r] = _mm256_maskload_ps(C + r * ldc, cols.lo);
-      hi[r] = _mm256_maskload_ps(C + r * ldc + 8, cols.hi);
+      lo[r] = vmaskload(C + r * ldc, cols.lo);
+      hi[r] = vmaskload(C + r * ldc + kVecFloats, cols.hi);
     }
   }
   strip_detail::fma_rows<kRows>(K, A, lda, B, ldb, lo, hi);
   if (relu) {  // max(0, x) returns x where x is NaN, as torch.relu does
-    const __m256 zero = _mm256_setzero_ps();
-#pragma GCC unroll 6
+    const Vec zero = vzero();
+#pragma GCC unroll 16
     for (int r = 0; r < kRows; ++r) {
-      lo[r] = _mm256_max_ps(zero, lo[r]);
-      hi[r] = _mm256_max_ps(zero, hi[r]);
+      lo[r] = vmax(zero, lo[r]);
+      hi[r] = vmax(zero, hi[r]);
     }
   }
   if (cols.full) {
-#pragma GCC unroll 6
+#pragma GCC unroll 16
     for (int r = 0; r < kRows; ++r) {
-      _mm256_storeu_ps(C + r * ldc, lo[r]);
-      _mm256_storeu_ps(C + r * ldc + 8, hi[r]);
+      vstore(C + r * ldc, lo[r]);
+      vstore(C + r * ldc + kVecFloats, hi[r]);
     }
   } else {
-#pragma GCC unroll 6
+#pragma GCC unroll 16
     for (int r = 0; r < kRows; ++r) {
-      _mm256_maskstore_ps(C + r * ldc, cols.lo, lo[r]);
-      _mm256_maskstore_ps(C + r * ldc + 8, cols.hi, hi[r]);
+      vmaskstore(C + r * ldc, cols.lo, lo[r]);
+      vmaskstore(C + r * ldc + kVecFloats, cols.hi, hi[r]);
     }
   }
 }
 
-// All rows of a product, in tiles of up to six (for_row_tiles).
+// All rows of a product, in tiles of up to kTileRows (for_row_tiles).
 inline void tiles(int64_t rows, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, Start start,
                   const float* init, float* C, int64_t ldc, const Columns& cols, bool relu) {
   for_row_tiles(rows, [&](int64_t m0, int64_t n) {
-    const float* a = A + m0 * lda;
-    float* c = C + m0 * ldc;
-    switch (n) {
-      case 6: return tile<6>(K, a, lda, B, ldb, start, init, c, ldc, cols, relu);
-      case 5: return tile<5>(K, a, lda, B, ldb, start, init, c, ldc, cols, relu);
-      case 4: return tile<4>(K, a, lda, B, ldb, start, init, c, ldc, cols, relu);
-      case 3: return tile<3>(K, a, lda, B, ldb, start, init, c, ldc, cols, relu);
-      case 2: return tile<2>(K, a, lda, B, ldb, start, init, c, ldc, cols, relu);
-      default: return tile<1>(K, a, lda, B, ldb, start, init, c, ldc, cols, relu);
-    }
+    with_tile_rows(n, [&](auto r) {
+      tile<decltype(r)::value>(K, A + m0 * lda, lda, B, ldb, start, init, C + m0 * ldc, ldc, cols, relu);
+    });
   });
 }
 
@@ -187,7 +181,7 @@ inline void tiles(int64_t rows, int64_t K, const float* A, int64_t lda, const fl
 inline void made_strip_product(int64_t rows, const float* A, int64_t lda, const MadeStripLayout& layout,
                                const float* strips, const float* bias, float* C, int64_t ldc, bool relu = false) {
   using namespace made_strip_detail;
-  alignas(32) static const float kZeros[kStripColumns] = {};
+  alignas(64) static const float kZeros[kStripColumns] = {};
   for (int64_t s = 0; s < layout.strips(); ++s) {
     const int64_t c0 = s * kStripColumns, K = layout.rows(s);
     const Columns cols(std::min(kStripColumns, layout.columns - c0));
@@ -204,13 +198,13 @@ inline void made_strip_product(int64_t rows, const float* A, int64_t lda, const 
 }
 
 // The weight gradient of one slab: acc (the forward's layout, without bias) (+)= input_t[:, 0:rows] dz over the
-// slab's `rows` samples; input_t is [in x rows], dz [rows x columns] (rows ldz apart). `pad` holds rows x 16
+// slab's `rows` samples; input_t is [in x rows], dz [rows x columns] (rows ldz apart). `pad` holds rows x kStripColumns
 // floats: each strip's columns of dz are copied there (zero past the last column), since rows 1 or 2 KiB apart
 // would share a few L1 sets and miss on every tile that passes over them.
 inline void made_strip_weight_grad(int64_t rows, const float* input_t, const float* dz, int64_t ldz,
                                    const MadeStripLayout& layout, float* acc, bool accumulate, float* pad) {
   using namespace made_strip_detail;
-  alignas(32) static const float kZeros[kStripColumns] = {};
+  alignas(64) static const float kZeros[kStripColumns] = {};
   const Columns full(kStripColumns);
   for (int64_t s = 0; s < layout.strips(); ++s) {
     const int64_t c0 = s * kStripColumns, cols = std::min(kStripColumns, layout.columns - c0);

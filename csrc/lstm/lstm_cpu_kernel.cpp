@@ -57,7 +57,7 @@ struct GateColumns {
 // when every block's 4 x width columns are a multiple of the strip width.
 template <typename T>
 bool strip_panels(const GateColumns& columns) {
-  return std::is_same_v<T, float> && kStripPanels && columns.hidden % 4 == 0;
+  return std::is_same_v<T, float> && kStripPanels && columns.hidden % (kStripColumns / 4) == 0;
 }
 
 // A gradient computed transposed and in gate-column order, back to torch's layout: dst[r * K + k] = src[k * R + perm[r]].
