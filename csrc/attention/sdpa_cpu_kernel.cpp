@@ -179,31 +179,51 @@ uint32_t dropout_threshold(double p) {
   return static_cast<uint32_t>(std::min(p, 1.0) * double(1u << 24));
 }
 
+// A vector of a key or value row in the compute type: bf16 rows widen to float as they are read.
 template <typename T>
-T dot(const T* x, const T* y, int64_t n) {
+Vectorized<T> load_row(const T* p) {
+  return Vectorized<T>::loadu(p);
+}
+inline Vectorized<float> load_row(const bf16* p) {
+  Vectorized<float> v;
+  at::vec::load_fp32_from_bf16(p, v);
+  return v;
+}
+
+template <typename T, typename R>
+T dot(const T* x, const R* y, int64_t n) {
   using V = Vectorized<T>;
   V acc(T(0));
   int64_t c = 0;
-  for (; c + V::size() <= n; c += V::size()) acc = at::vec::fmadd(V::loadu(x + c), V::loadu(y + c), acc);
+  for (; c + V::size() <= n; c += V::size()) acc = at::vec::fmadd(V::loadu(x + c), load_row(y + c), acc);
   T sum = at::vec::vec_reduce_all<T>([](V& u, V& w) { return u + w; }, acc);
-  for (; c < n; ++c) sum += x[c] * y[c];
+  for (; c < n; ++c) sum += x[c] * static_cast<T>(y[c]);
   return sum;
 }
 
 // out[c] = out[c] * keep + weight * row[c]
-template <typename T>
-void scale_add(T* out, const T* row, int64_t n, T keep, T weight) {
+template <typename T, typename R>
+void scale_add(T* out, const R* row, int64_t n, T keep, T weight) {
   using V = Vectorized<T>;
   int64_t c = 0;
   for (; c + V::size() <= n; c += V::size())
-    at::vec::fmadd(V(weight), V::loadu(row + c), V::loadu(out + c) * V(keep)).store(out + c);
-  for (; c < n; ++c) out[c] = out[c] * keep + weight * row[c];
+    at::vec::fmadd(V(weight), load_row(row + c), V::loadu(out + c) * V(keep)).store(out + c);
+  for (; c < n; ++c) out[c] = out[c] * keep + weight * static_cast<T>(row[c]);
+}
+
+// Whether a float forward reads bf16 inputs (SdpaForwardArgs::q16).
+template <typename T>
+bool bf16_inputs(const SdpaForwardArgs<T>& a) {
+  if constexpr (std::is_same_v<T, float>)
+    return a.k16 != nullptr;
+  else
+    return false;
 }
 
 // Few queries against many keys (decoding): memory bound, so no GEMM and no transposed copy of the keys;
 // the keys are split among threads when there are fewer heads than threads, and the partial softmaxes merged.
-template <typename T>
-void decode_impl(const SdpaForwardArgs<T>& a) {
+template <typename T, typename In>
+void decode_impl(const SdpaForwardArgs<T>& a, const In* q_in, const In* k_in, const In* v_in) {
   const SdpaSizes& s = a.sizes;
   const SdpaMasking& m = a.masking;
   const int64_t E = s.head_dim, Ev = s.v_dim, L = s.q_len, S = s.kv_len;
@@ -226,11 +246,11 @@ void decode_impl(const SdpaForwardArgs<T>& a) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / splits, split = item % splits;
       const HeadIndex hd = head_of(bh, s);
-      const T* k = a.k + hd.batch * a.k_strides.batch + hd.kv_head * a.k_strides.head;
-      const T* v = a.v + hd.batch * a.v_strides.batch + hd.kv_head * a.v_strides.head;
+      const In* k = k_in + hd.batch * a.k_strides.batch + hd.kv_head * a.k_strides.head;
+      const In* v = v_in + hd.batch * a.v_strides.batch + hd.kv_head * a.v_strides.head;
       for (int64_t i = 0; i < L; ++i) {
-        const T* q = a.q + hd.batch * a.q_strides.batch + hd.q_head * a.q_strides.head + i * a.q_strides.row;
-        for (int64_t c = 0; c < E; ++c) q_scaled[c] = q[c] * scale;
+        const In* q = q_in + hd.batch * a.q_strides.batch + hd.q_head * a.q_strides.head + i * a.q_strides.row;
+        for (int64_t c = 0; c < E; ++c) q_scaled[c] = static_cast<T>(q[c]) * scale;
         const KeyRange keys = allowed_keys(i, S, m.causal, m.window_left, m.window_right);
         const int64_t j_begin = std::max(split * chunk, keys.first);
         const int64_t j_end = std::min({(split + 1) * chunk, keys.last + 1, S});
@@ -334,9 +354,28 @@ void pack_value_strips(int64_t S, int64_t Ev, const float* v, int64_t row, float
   }
 }
 
+// One bf16 key/value head for the bf16 GEMM: K^T [E x S] packed (pack_b_bf16's layout, pairs of rows of K^T
+// interleaved; for even E that is K viewed as [S x E/2] pairs, transposed), and V packed per key tile.
+void pack_head_bf16(int64_t S, int64_t E, int64_t Ev, const bf16* k, int64_t k_row, const bf16* v, int64_t v_row,
+                    bf16* keys, bf16* values) {
+  if (E % 2 == 0 && k_row % 2 == 0 && reinterpret_cast<uintptr_t>(k) % 4 == 0) {
+    transpose_copy(S, E / 2, reinterpret_cast<const uint32_t*>(k), k_row / 2, reinterpret_cast<uint32_t*>(keys), S);
+  } else {
+    std::vector<bf16> k_t(E * S);
+    transpose_copy(S, E, k, k_row, k_t.data(), S);
+    pack_b_bf16(E, S, k_t.data(), S, keys);
+  }
+  for (int64_t j0 = 0; j0 < S; j0 += kKeyTile)
+    pack_b_bf16(std::min(kKeyTile, S - j0), Ev, v + j0 * v_row, v_row, values + j0 * Ev);
+}
+
 template <typename T>
 void forward_impl(const SdpaForwardArgs<T>& a) {
-  if (a.sizes.q_len <= kDecodeMaxQueries) return decode_impl(a);
+  if (a.sizes.q_len <= kDecodeMaxQueries) {
+    if constexpr (std::is_same_v<T, float>)
+      if (bf16_inputs(a)) return decode_impl(a, a.q16, a.k16, a.v16);
+    return decode_impl(a, a.q, a.k, a.v);
+  }
   const SdpaSizes& s = a.sizes;
   const SdpaMasking& m = a.masking;
   const int64_t E = s.head_dim, Ev = s.v_dim, L = s.q_len, S = s.kv_len;
@@ -351,16 +390,30 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
 
   // Keys transposed once per head ([E x S], rows padded off 512-byte multiples), the right operand of Q K^T;
   // or, with strips, keys and values packed once per head.
-  const bool strips = std::is_same_v<T, float> && forward_strips(s);
+  // With bf16 inputs: keys as the packed right operand of a [E x S] product and values packed per key tile,
+  // once per head, for the bf16 GEMM.
+  const bool packed16 = bf16_inputs(a);
+  const bool strips = std::is_same_v<T, float> && !packed16 && forward_strips(s);
   const int64_t ld_kt = (S * int64_t(sizeof(T))) % 512 == 0 ? S + 64 / int64_t(sizeof(T)) : S;
   const int64_t S_padded = (S + kStripColumns - 1) / kStripColumns * kStripColumns;
   const int64_t kv_heads = s.batch * s.kv_heads;
-  const int64_t key_floats = strips ? S_padded * E : E * ld_kt;
+  const int64_t key_floats = packed16 ? 0 : strips ? S_padded * E : E * ld_kt;
   T* keys_t = workspace<T>(WorkspaceSlot::left, kv_heads * key_floats);
   T* value_strips = strips ? workspace<T>(WorkspaceSlot::product, kv_heads * S * Ev) : nullptr;
+  const int64_t key_size16 = packed16 ? packed_b_bf16_size(E, S) : 0;
+  const int64_t value_size16 = packed16 ? (S + kKeyTile - 1) / kKeyTile * kKeyTile * Ev : 0;
+  bf16* keys16 = packed16 ? workspace<bf16>(WorkspaceSlot::gates, kv_heads * key_size16) : nullptr;
+  bf16* values16 = packed16 ? workspace<bf16>(WorkspaceSlot::raw, kv_heads * value_size16) : nullptr;
   parallel_for(kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t head = begin; head < end; ++head) {
       const int64_t b = head / s.kv_heads, kvh = head % s.kv_heads;
+      if constexpr (std::is_same_v<T, float>)
+        if (packed16) {
+          pack_head_bf16(S, E, Ev, a.k16 + b * a.k_strides.batch + kvh * a.k_strides.head, a.k_strides.row,
+                         a.v16 + b * a.v_strides.batch + kvh * a.v_strides.head, a.v_strides.row,
+                         keys16 + head * key_size16, values16 + head * value_size16);
+          continue;
+        }
       const T* k = a.k + b * a.k_strides.batch + kvh * a.k_strides.head;
       if constexpr (std::is_same_v<T, float>)
         if (strips) {
@@ -372,28 +425,38 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
       fast_transpose(S, E, k, a.k_strides.row, keys_t + head * key_floats, ld_kt);
     }
   });
-  // scores[rows x cols] = q[rows x E] K^T for the keys [j0, j0 + cols); with strips, up to the next 16 keys
-  // (zero keys past S: the extra columns are never read).
-  const auto key_product = [&](int64_t rows, int64_t cols, const T* q, const T* keys, int64_t j0, T* out) {
-    if constexpr (std::is_same_v<T, float>)
-      if (strips)
-        return strip_gemm(rows, (cols + kStripColumns - 1) / kStripColumns * kStripColumns, E, q, E,
-                          keys + j0 * E, out, kKeyTile, false);
-    gemm(rows, cols, E, q, E, keys + j0, ld_kt, out, kKeyTile, false);
-  };
+  // The bf16 products take the scale on the float scores; the others on a scaled copy of the queries.
+  const T score_scale = packed16 ? scale : T(1);
 
   parallel_for(items, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> scores(kQueryTile * kKeyTile), acc(kQueryTile * Ev), q_scaled(kQueryTile * E);
+    std::vector<T> scores(kQueryTile * kKeyTile), acc(kQueryTile * Ev), q_scaled(packed16 ? 0 : kQueryTile * E);
     std::vector<T> row_max_v(kQueryTile), row_sum(kQueryTile);
+    std::vector<bf16> probs16(packed16 ? kQueryTile * kKeyTile : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / q_tiles, i0 = (item % q_tiles) * kQueryTile;
       const int64_t rows = std::min(kQueryTile, L - i0);
       const HeadIndex hd = head_of(bh, s);
-      const T* q_in = a.q + hd.batch * a.q_strides.batch + hd.q_head * a.q_strides.head + i0 * a.q_strides.row;
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < E; ++c) q_scaled[r * E + c] = q_in[r * a.q_strides.row + c] * scale;
+      const int64_t q_offset = hd.batch * a.q_strides.batch + hd.q_head * a.q_strides.head + i0 * a.q_strides.row;
+      if (!packed16) {
+        const T* q_in = a.q + q_offset;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < E; ++c) q_scaled[r * E + c] = q_in[r * a.q_strides.row + c] * scale;
+      }
       const int64_t kv_head = hd.batch * s.kv_heads + hd.kv_head;
       const T* k_t = keys_t + kv_head * key_floats;
+      // scores[n x cols] = the tile's queries [r0, r0 + n) times K^T for the keys [j0, j0 + cols); with strips,
+      // up to the next strip of keys (zero keys past S: the extra columns are never read).
+      const auto key_product = [&](int64_t r0, int64_t n, int64_t cols, int64_t j0, T* out) {
+        if constexpr (std::is_same_v<T, float>) {
+          if (packed16)
+            return gemm_bf16(n, cols, E, a.q16 + q_offset + r0 * a.q_strides.row, a.q_strides.row,
+                             keys16 + kv_head * key_size16, S, j0, out, kKeyTile, false);
+          if (strips)
+            return strip_gemm(n, (cols + kStripColumns - 1) / kStripColumns * kStripColumns, E,
+                              q_scaled.data() + r0 * E, E, k_t + j0 * E, out, kKeyTile, false);
+        }
+        gemm(n, cols, E, q_scaled.data() + r0 * E, E, k_t + j0, ld_kt, out, kKeyTile, false);
+      };
       const T* v = a.v + hd.batch * a.v_strides.batch + hd.kv_head * a.v_strides.head;
       std::fill(acc.begin(), acc.begin() + rows * Ev, T(0));
       std::fill(row_max_v.begin(), row_max_v.end(), neg_inf<T>());
@@ -409,8 +472,8 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
       }
       for (int64_t j0 = (j_begin / kKeyTile) * kKeyTile; j0 < j_end; j0 += kKeyTile) {
         const int64_t cols = std::min(kKeyTile, S - j0);
-        key_product(rows, cols, q_scaled.data(), k_t, j0, scores.data());
-        finish_scores(scores.data(), kKeyTile, rows, cols, i0, j0, hd.batch, hd.q_head, s, m, T(1));
+        key_product(0, rows, cols, j0, scores.data());
+        finish_scores(scores.data(), kKeyTile, rows, cols, i0, j0, hd.batch, hd.q_head, s, m, score_scale);
         for (int64_t r = 0; r < rows; ++r) {
           T* p = scores.data() + r * kKeyTile;
           if (row_max_v[r] != neg_inf<T>()) {
@@ -425,8 +488,8 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
                 apply_dropout(p, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
               continue;
             }
-            key_product(1, cols, q_scaled.data() + r * E, k_t, j0, p);
-            finish_scores(p, kKeyTile, 1, cols, i0 + r, j0, hd.batch, hd.q_head, s, m, T(1));
+            key_product(r, 1, cols, j0, p);
+            finish_scores(p, kKeyTile, 1, cols, i0 + r, j0, hd.batch, hd.q_head, s, m, score_scale);
           }
           const T new_max = std::max(row_max_v[r], row_max(p, cols));
           if (new_max == neg_inf<T>()) {  // nothing attended yet: the row stays empty
@@ -443,12 +506,20 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
           if (dropout)
             apply_dropout(p, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
         }
-        if constexpr (std::is_same_v<T, float>)
+        if constexpr (std::is_same_v<T, float>) {
+          if (packed16) {
+            for (int64_t r = 0; r < rows; ++r)
+              at::vec::convert(scores.data() + r * kKeyTile, probs16.data() + r * kKeyTile, cols);
+            gemm_bf16(rows, Ev, cols, probs16.data(), kKeyTile, values16 + kv_head * value_size16 + j0 * Ev, Ev, 0,
+                      acc.data(), Ev, true);
+            continue;
+          }
           if (strips) {
             strip_gemm(rows, Ev, cols, scores.data(), kKeyTile, value_strips + kv_head * S * Ev + j0 * Ev,
                        acc.data(), Ev, true);
             continue;
           }
+        }
         gemm(rows, Ev, cols, scores.data(), kKeyTile, v + j0 * a.v_strides.row, a.v_strides.row, acc.data(), Ev,
              true);
       }

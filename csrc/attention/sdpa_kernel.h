@@ -7,6 +7,8 @@
 
 #include "common/isa.h"
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 
 namespace fl {
@@ -45,6 +47,12 @@ struct SdpaInputs {
 
 template <typename T>
 struct SdpaForwardArgs : SdpaInputs<T> {
+  // Optional bfloat16 inputs (float forward only), with the strides above; when set, q, k and v are unused: the
+  // products read bf16 and accumulate in float on the GEMM engine's bf16 path (AMX or AVX512-BF16 through
+  // oneDNN), probabilities rounded to bf16 for P V as torch's kernel does; the softmax stays float.
+  const c10::BFloat16* q16 = nullptr;
+  const c10::BFloat16* k16 = nullptr;
+  const c10::BFloat16* v16 = nullptr;
   T* out = nullptr;  // [batch, q_heads, q_len, v_dim], contiguous
   // [batch, q_heads, q_len, 2]: each row's score maximum and the log of its sum of exp(score - maximum), kept
   // apart so the backward can rebuild probabilities exactly (maximum -inf: the row attends to nothing).

@@ -2,6 +2,7 @@
 // (python/fusedlayers/functional/attention.py) reshapes any number of leading dims to [batch, heads] and
 // broadcasts the mask to [batch, q_heads, q_len, kv_len] as a view before calling these ops.
 #include "attention/sdpa_kernel.h"
+#include "common/gemm.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -31,8 +32,9 @@ struct Prepared {
   Tensor q, k, v, mask;  // in the compute type (bool masks stay bool)
 };
 
+// upcast: q, k and v in the compute type; else as given (bf16 inputs that the kernel reads directly).
 Prepared prepare(const Tensor& query, const Tensor& key, const Tensor& value, const OptTensor& attn_mask,
-                 double dropout_p, int64_t window_left, int64_t window_right) {
+                 double dropout_p, int64_t window_left, int64_t window_right, bool upcast = true) {
   for (const auto& [t, name] : {std::pair{&query, "query"}, {&key, "key"}, {&value, "value"}}) {
     TORCH_CHECK(t->device().is_cpu(), "scaled_dot_product_attention: ", name, " must be a CPU tensor, got ",
                 t->device());
@@ -70,9 +72,9 @@ Prepared prepare(const Tensor& query, const Tensor& key, const Tensor& value, co
   TORCH_CHECK(window_left >= -1 && window_right >= -1,
               "scaled_dot_product_attention: window bounds must be >= 0 (or -1 for unbounded)");
   const auto ct = compute_type(dtype);
-  p.q = rows_contiguous(query.to(ct));
-  p.k = rows_contiguous(key.to(ct));
-  p.v = rows_contiguous(value.to(ct));
+  p.q = rows_contiguous(upcast ? query.to(ct) : query);
+  p.k = rows_contiguous(upcast ? key.to(ct) : key);
+  p.v = rows_contiguous(upcast ? value.to(ct) : value);
   if (attn_mask.has_value() && attn_mask->defined()) {
     const Tensor& mask = *attn_mask;
     TORCH_CHECK(mask.device().is_cpu(), "scaled_dot_product_attention: attn_mask must be a CPU tensor");
@@ -112,9 +114,11 @@ void fill_inputs(SdpaInputs<T>& a, const Prepared& p, bool is_causal, int64_t wi
   a.sizes = p.sizes;
   a.masking = masking_of(p, is_causal, window_left, window_right, dropout_p, seed);
   a.scale = scale;
-  a.q = p.q.data_ptr<T>();
-  a.k = p.k.data_ptr<T>();
-  a.v = p.v.data_ptr<T>();
+  if (p.q.scalar_type() == c10::CppTypeToScalarType<T>::value) {  // else bf16, set by the caller
+    a.q = p.q.data_ptr<T>();
+    a.k = p.k.data_ptr<T>();
+    a.v = p.v.data_ptr<T>();
+  }
   a.q_strides = strides_of(p.q);
   a.k_strides = strides_of(p.k);
   a.v_strides = strides_of(p.v);
@@ -123,13 +127,23 @@ void fill_inputs(SdpaInputs<T>& a, const Prepared& p, bool is_causal, int64_t wi
 std::tuple<Tensor, Tensor> sdpa_cpu(const Tensor& query, const Tensor& key, const Tensor& value,
                                     const OptTensor& attn_mask, double dropout_p, bool is_causal, double scale,
                                     int64_t window_left, int64_t window_right, int64_t seed) {
-  Prepared p = prepare(query, key, value, attn_mask, dropout_p, window_left, window_right);
+  // bf16 inputs are read as they are where the CPU multiplies bf16 natively (AMX or AVX512-BF16); elsewhere
+  // they are computed in float.
+  const bool bf16_products = query.scalar_type() == at::kBFloat16 && gemm_bf16_native();
+  Prepared p = prepare(query, key, value, attn_mask, dropout_p, window_left, window_right, !bf16_products);
   const SdpaSizes& s = p.sizes;
-  Tensor out = at::empty({s.batch, s.q_heads, s.q_len, s.v_dim}, p.q.options());
-  Tensor lse = at::empty({s.batch, s.q_heads, s.q_len, 2}, p.q.options());
-  AT_DISPATCH_FLOATING_TYPES(p.q.scalar_type(), "sdpa_forward", [&] {
+  const auto ct = compute_type(query.scalar_type());
+  Tensor out = at::empty({s.batch, s.q_heads, s.q_len, s.v_dim}, p.q.options().dtype(ct));
+  Tensor lse = at::empty({s.batch, s.q_heads, s.q_len, 2}, p.q.options().dtype(ct));
+  AT_DISPATCH_FLOATING_TYPES(ct, "sdpa_forward", [&] {
     SdpaForwardArgs<scalar_t> a;
     fill_inputs<scalar_t>(a, p, is_causal, window_left, window_right, dropout_p, seed, scale);
+    if constexpr (std::is_same_v<scalar_t, float>)
+      if (bf16_products) {
+        a.q16 = reinterpret_cast<const c10::BFloat16*>(p.q.const_data_ptr());
+        a.k16 = reinterpret_cast<const c10::BFloat16*>(p.k.const_data_ptr());
+        a.v16 = reinterpret_cast<const c10::BFloat16*>(p.v.const_data_ptr());
+      }
     a.out = out.data_ptr<scalar_t>();
     a.lse = lse.data_ptr<scalar_t>();
     FL_DISPATCH_ISA(sdpa_forward, a);
