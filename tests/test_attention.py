@@ -745,6 +745,26 @@ def test_low_precision(dtype, tol, case):
         assert_close(t_out.float(), ref_out, atol=tol, rtol=tol)
 
 
+# bf16 inputs are read directly by the kernel where the CPU multiplies bf16 natively (keys and values packed for
+# the bf16 GEMM, decoding on bf16 rows); elsewhere they are computed in float. Either way the forward must sit
+# within bf16 rounding of the float result: shapes that cross key tiles, odd head sizes (unpaired rows in the
+# packed keys), decoding, grouped heads and inputs whose rows are not contiguous.
+@pytest.mark.parametrize("L,S,E,Ev,Hk,causal", [
+    (1, 300, 64, 64, 4, False), (3, 70, 63, 63, 4, False), (130, 257, 64, 32, 2, False), (64, 128, 128, 128, 4, True),
+    (100, 129, 16, 48, 1, True)])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_bf16_inputs_forward(L, S, E, Ev, Hk, causal, layout):
+    q, k, v = (t.to(torch.bfloat16) for t in qkv(2, 4, L, S, E, Ev, dtype=F32, seed=11, Hk=Hk))
+    if layout == "transposed":  # [B, L, H, E] storage viewed as [B, H, L, E]: rows H * E apart
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    kw = dict(is_causal=causal, enable_gqa=Hk != 4)
+    with torch.no_grad():
+        out = fl_sdpa(q, k, v, **kw)
+        ref = torch_sdpa(q.float(), k.float(), v.float(), **kw)
+    assert out.dtype == torch.bfloat16
+    assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+
+
 def test_autocast_dtype():
     q, k, v = qkv(2, 2, 9, 13, 8, dtype=F32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
