@@ -50,6 +50,15 @@ bool cpu_has_avx512_bf16() {
 #endif
 }
 
+bool cpu_is_intel() {
+#if defined(FL_HAVE_X86_ISAS)
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::avx512: return "avx512";

@@ -12,6 +12,8 @@ Isa active_isa();
 Isa best_supported_isa();
 const char* isa_name(Isa isa);
 bool cpu_has_avx512_bf16();
+// Whether the CPU is Intel's (MKL, the BLAS torch exports, is tuned for them).
+bool cpu_is_intel();
 
 }  // namespace fl
 
