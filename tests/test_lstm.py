@@ -987,13 +987,16 @@ def test_lstm_layer_op_checks_its_arguments():
 # ------------------------------------------------------------------------------------------------ dtypes
 
 
+# Without a projection, bf16 layers run natively where the CPU multiplies bf16 (forward products, and the
+# backward's summed gradients with the gate gradients rounded to bf16); with one they compute in float32.
+@pytest.mark.parametrize("proj", [PROJ, 0], ids=["proj", "no_proj"])
 @pytest.mark.parametrize("kind", ["padded", "packed_unsorted"])
-def test_bfloat16_close_to_float32(kind):
-    _, ours32 = make_lstm_pair(INPUT_SIZE, HIDDEN, num_layers=2, bidirectional=True, proj_size=PROJ,
+def test_bfloat16_close_to_float32(kind, proj):
+    _, ours32 = make_lstm_pair(INPUT_SIZE, HIDDEN, num_layers=2, bidirectional=True, proj_size=proj,
                                dtype=torch.float32)
     ours16 = copy.deepcopy(ours32).bfloat16()
     make32 = lstm_inputs(kind, dtype=torch.float32, batch_first=False, num_layers=2, bidirectional=True,
-                         proj_size=PROJ, with_hx=True)
+                         proj_size=proj, with_hx=True)
     leaves32, _ = make32()
     # The same (bf16-rounded) values in both computations, so only the arithmetic differs.
     leaves16 = [t.detach().bfloat16().requires_grad_() for t in leaves32]
@@ -1021,7 +1024,7 @@ def test_bfloat16_close_to_float32(kind):
         # Gradients accumulate over steps and rows: scale the tolerance by the gradient's size.
         torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2 * max(1.0, b.abs().max().item()))
     # torch's own bfloat16 LSTM gives the same values within the same tolerance.
-    ref16 = torch.nn.LSTM(INPUT_SIZE, HIDDEN, num_layers=2, bidirectional=True, proj_size=PROJ,
+    ref16 = torch.nn.LSTM(INPUT_SIZE, HIDDEN, num_layers=2, bidirectional=True, proj_size=proj,
                           dtype=torch.bfloat16)
     ref16.load_state_dict(ours16.state_dict(), strict=True)
     with torch.no_grad():

@@ -385,6 +385,107 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
   }
 }
 
+// The left operand of W_hh's gradient: h_{t-1} of every row (h0 where a sequence starts), transposed into
+// left [P x N] (rows ld apart).
+template <typename T>
+void transpose_previous_hidden(const LstmLayerBackwardArgs<T>& a, const StepTable& steps, T* left, int64_t ld) {
+  const LstmLayerSizes& s = a.sizes;
+  const int64_t P = s.output_size;
+  parallel_for(s.steps, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, s.batch * P)), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t tp = s.reverse ? t + 1 : t - 1;
+      const int64_t n_prev = (tp >= 0 && tp < s.steps) ? steps.batch[tp] : 0;
+      const int64_t n = steps.batch[t], m = std::min(n, n_prev);
+      if (m > 0) fast_transpose(m, P, a.output + steps.offset[tp] * P, P, left + steps.offset[t], ld);
+      if (n > m) fast_transpose(n - m, P, a.h0 + m * P, P, left + steps.offset[t] + m, ld);
+    }
+  });
+}
+
+// grad_bias[r] = sum over rows of grad_gates[:, perm[r]] (gate-column order back to torch's).
+template <typename T>
+void sum_bias_gradient(int64_t N, int64_t G4, const T* grad_gates, int64_t LG, const std::vector<int64_t>& perm,
+                       T* grad_bias) {
+  std::vector<T> sums(G4, T(0));
+  constexpr int64_t kCols = 256;
+  parallel_for((G4 + kCols - 1) / kCols, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t lo = c0 * kCols, hi = std::min(G4, c1 * kCols);
+    for (int64_t row = 0; row < N; ++row) {
+      const T* g = grad_gates + row * LG;
+      for (int64_t col = lo; col < hi; ++col) sums[col] += g[col];
+    }
+  });
+  for (int64_t r = 0; r < G4; ++r) grad_bias[r] = sums[perm[r]];
+}
+
+// Rows [0, rows) of src (ld_src apart, float) rounded to bf16 into dst (ld_dst apart), in parallel.
+void round_rows_bf16(int64_t rows, int64_t cols, const float* src, int64_t ld_src, bf16* dst, int64_t ld_dst) {
+  parallel_for(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) at::vec::convert(src + r * ld_src, dst + r * ld_dst, cols);
+  });
+}
+
+// B [K x N] (bf16, row-major) packed for gemm_bf16, row pairs shared among threads.
+void pack_b_bf16_parallel(int64_t K, int64_t N, const bf16* B, bf16* out) {
+  constexpr int64_t kRows = 64;  // even: each chunk starts on a row pair
+  parallel_for((K + kRows - 1) / kRows, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t k0 = c * kRows;
+      pack_b_bf16(std::min(kRows, K - k0), N, B + k0 * N, N, out + k0 * N);
+    }
+  });
+}
+
+// C[M x N] = A[M x K] B on the bf16 GEMM (B packed by pack_b_bf16, full width N), tiles shared among threads.
+void gemm_parallel_bf16(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf16* B_packed, float* C,
+                        int64_t ldc) {
+  constexpr int64_t kTileRows = 128, kTileCols = 256;
+  const int64_t tiles_m = (M + kTileRows - 1) / kTileRows, tiles_n = (N + kTileCols - 1) / kTileCols;
+  parallel_for(tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t m0 = (t % tiles_m) * kTileRows, n0 = (t / tiles_m) * kTileCols;
+      gemm_bf16(std::min(kTileRows, M - m0), std::min(kTileCols, N - n0), K, A + m0 * lda, lda, B_packed, N, n0,
+                C + m0 * ldc + n0, ldc, false);
+    }
+  });
+}
+
+// The gradients that sum over all steps for a bf16 layer (LstmLayerBackwardArgs::bf16_products; no projection):
+// grad_input = dG W_ih, dW_ih = X^T dG, dW_hh = H_prev^T dG on the bf16 GEMM, and the bias gradient, from the
+// gate gradients [N x LG] (float) and W_ih in gate-column order (w_ih_p, rows LI apart).
+void summed_gradients_bf16(const LstmLayerBackwardArgs<float>& a, const StepTable& steps,
+                           const std::vector<int64_t>& perm, const float* grad_gates, const float* w_ih_p) {
+  const LstmLayerSizes& s = a.sizes;
+  const int64_t H = s.hidden_size, P = s.output_size, I = s.input_size, G4 = 4 * H, N = s.rows;
+  const int64_t LG = lstm_gates_stride(H, sizeof(float)), LI = padded_stride<float>(I);
+  // dG in bf16, plain (the left operand of grad_input) and packed (the right operand of both weight gradients).
+  bf16* grads16 = workspace<bf16>(WorkspaceSlot::gates, N * G4);
+  bf16* grads_packed = workspace<bf16>(WorkspaceSlot::state_h, packed_b_bf16_size(N, G4));
+  round_rows_bf16(N, G4, grad_gates, LG, grads16, G4);
+  pack_b_bf16_parallel(N, G4, grads16, grads_packed);
+
+  std::vector<bf16> w16(G4 * I), w_packed(packed_b_bf16_size(G4, I));
+  round_rows_bf16(G4, I, w_ih_p, LI, w16.data(), I);
+  pack_b_bf16(G4, I, w16.data(), I, w_packed.data());
+  gemm_parallel_bf16(N, I, G4, grads16, G4, w_packed.data(), a.grad_input, I);
+
+  // Left operands transposed [features x N] (bf16: exact, the layer's values are bf16 already).
+  const int64_t LN = padded_stride<float>(N);
+  float* left = workspace<float>(WorkspaceSlot::left, std::max(I, P) * LN);
+  bf16* left16 = workspace<bf16>(WorkspaceSlot::state_c, std::max(I, P) * N);
+  float* product = workspace<float>(WorkspaceSlot::product, std::max(I, P) * G4);
+  transpose_parallel(N, I, a.input, I, left, LN);
+  round_rows_bf16(I, N, left, LN, left16, N);
+  gemm_parallel_bf16(I, G4, N, left16, N, grads_packed, product, G4);
+  unpack_transposed(G4, I, product, perm, a.grad_w_ih);
+
+  transpose_previous_hidden(a, steps, left, LN);
+  round_rows_bf16(P, N, left, LN, left16, N);
+  gemm_parallel_bf16(P, G4, N, left16, N, grads_packed, product, G4);
+  unpack_transposed(G4, P, product, perm, a.grad_w_hh);
+  if (a.grad_bias != nullptr) sum_bias_gradient(N, G4, grad_gates, LG, perm, a.grad_bias);
+}
+
 template <typename T>
 void backward_impl(const LstmLayerBackwardArgs<T>& a) {
   const LstmLayerSizes& s = a.sizes;
@@ -480,6 +581,9 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
     });
   }
 
+  if constexpr (std::is_same_v<T, float>)
+    if (a.bf16_products) return summed_gradients_bf16(a, steps, perm, grad_gates, w_ih_p);
+
   // Gradients that sum over all steps, as large GEMMs.
   gemm_parallel(N, I, G4, grad_gates, LG, w_ih_p, LI, a.grad_input, I, false);
 
@@ -491,31 +595,10 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
   gemm_parallel(I, G4, N, left, LN, grad_gates, LG, product, G4, false);
   unpack_transposed(G4, I, product, perm, a.grad_w_ih);
 
-  // The left operand of W_hh's gradient: h_{t-1} of every row (h0 where a sequence starts), transposed.
-  parallel_for(s.steps, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, s.batch * P)), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t tp = s.reverse ? t + 1 : t - 1;
-      const int64_t n_prev = (tp >= 0 && tp < s.steps) ? steps.batch[tp] : 0;
-      const int64_t n = steps.batch[t], m = std::min(n, n_prev);
-      if (m > 0) fast_transpose(m, P, a.output + steps.offset[tp] * P, P, left + steps.offset[t], LN);
-      if (n > m) fast_transpose(n - m, P, a.h0 + m * P, P, left + steps.offset[t] + m, LN);
-    }
-  });
+  transpose_previous_hidden(a, steps, left, LN);
   gemm_parallel(P, G4, N, left, LN, grad_gates, LG, product, G4, false);
   unpack_transposed(G4, P, product, perm, a.grad_w_hh);
-
-  if (a.grad_bias != nullptr) {
-    std::vector<T> sums(G4, T(0));
-    constexpr int64_t kCols = 256;
-    parallel_for((G4 + kCols - 1) / kCols, 1, [&](int64_t c0, int64_t c1) {
-      const int64_t lo = c0 * kCols, hi = std::min(G4, c1 * kCols);
-      for (int64_t row = 0; row < N; ++row) {
-        const T* g = grad_gates + row * LG;
-        for (int64_t col = lo; col < hi; ++col) sums[col] += g[col];
-      }
-    });
-    for (int64_t r = 0; r < G4; ++r) a.grad_bias[r] = sums[perm[r]];
-  }
+  if (a.grad_bias != nullptr) sum_bias_gradient(N, G4, grad_gates, LG, perm, a.grad_bias);
   if (s.has_proj) {
     transpose_parallel(N, P, grad_out_all, P, left, LN);
     gemm_parallel(P, H, N, left, LN, a.raw_hidden, H, a.grad_w_hr, H, false);

@@ -102,6 +102,10 @@ struct LstmLayerBackwardArgs {
   T* grad_w_hh = nullptr;          // [4H x P]
   T* grad_bias = nullptr;          // [4H] or null: the gradient of b_ih and of b_hh alike
   T* grad_w_hr = nullptr;          // [P x H] or null
+  // A bfloat16 layer computed in float (float backward only): the products that sum over all steps (grad_input
+  // and the weight gradients) round their operands to bf16 and run on the bf16 GEMM, accumulating in float, as
+  // torch's bf16 backward does. Inputs and weights are bf16 values already; the gate gradients are rounded.
+  bool bf16_products = false;
 };
 
 }  // namespace fl

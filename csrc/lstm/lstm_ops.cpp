@@ -231,6 +231,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     a.grad_w_hh = grad_w_hh.data_ptr<scalar_t>();
     a.grad_bias = has_bias ? grad_bias.data_ptr<scalar_t>() : nullptr;
     a.grad_w_hr = s.has_proj ? grad_w_hr.data_ptr<scalar_t>() : nullptr;
+    // bf16 layers multiply their summed gradients in bf16 where the CPU does so natively (as the forward).
+    a.bf16_products = out_dtype == at::kBFloat16 && !s.has_proj && gemm_bf16_native();
     FL_DISPATCH_ISA(lstm_layer_backward, a);
   });
   if (out_dtype != grad_input.scalar_type()) {
