@@ -450,18 +450,29 @@ void gemm_parallel_bf16(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t 
   });
 }
 
+// W_hh for the recurrent product on the bf16 GEMM: its float copy in gate-column order, cut into column panels of
+// `panel` columns ([G4 x width] each, as the float product reads it), rounded and packed as one [G4 x P] operand.
+void pack_gate_rows_bf16(int64_t G4, int64_t P, const float* panels, int64_t panel, bf16* out) {
+  std::vector<bf16> rows(G4 * P);
+  for (int64_t p0 = 0; p0 < P; p0 += panel) {
+    const int64_t width = std::min(panel, P - p0);
+    for (int64_t r = 0; r < G4; ++r) at::vec::convert(panels + p0 * G4 + r * width, rows.data() + r * P + p0, width);
+  }
+  pack_b_bf16(G4, P, rows.data(), P, out);
+}
+
 // The gradients that sum over all steps for a bf16 layer (LstmLayerBackwardArgs::bf16_products; no projection):
 // grad_input = dG W_ih, dW_ih = X^T dG, dW_hh = H_prev^T dG on the bf16 GEMM, and the bias gradient, from the
 // gate gradients [N x LG] (float) and W_ih in gate-column order (w_ih_p, rows LI apart).
 void summed_gradients_bf16(const LstmLayerBackwardArgs<float>& a, const StepTable& steps,
-                           const std::vector<int64_t>& perm, const float* grad_gates, const float* w_ih_p) {
+                           const std::vector<int64_t>& perm, const float* grad_gates, const bf16* grads16,
+                           const float* w_ih_p) {
   const LstmLayerSizes& s = a.sizes;
   const int64_t H = s.hidden_size, P = s.output_size, I = s.input_size, G4 = 4 * H, N = s.rows;
   const int64_t LG = lstm_gates_stride(H, sizeof(float)), LI = padded_stride<float>(I);
-  // dG in bf16, plain (the left operand of grad_input) and packed (the right operand of both weight gradients).
-  bf16* grads16 = workspace<bf16>(WorkspaceSlot::gates, N * G4);
+  // dG in bf16 (rounded step by step, [N x G4]): plain, the left operand of grad_input; packed, the right operand
+  // of both weight gradients.
   bf16* grads_packed = workspace<bf16>(WorkspaceSlot::state_h, packed_b_bf16_size(N, G4));
-  round_rows_bf16(N, G4, grad_gates, LG, grads16, G4);
   pack_b_bf16_parallel(N, G4, grads16, grads_packed);
 
   std::vector<bf16> w16(G4 * I), w_packed(packed_b_bf16_size(G4, I));
@@ -520,7 +531,14 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
   T* grad_cell = a.grad_c0;
   std::memcpy(grad_hidden, a.grad_h_n, sizeof(T) * s.batch * P);
   std::memcpy(grad_cell, a.grad_c_n, sizeof(T) * s.batch * H);
-  T* grad_out_all = s.has_proj ? workspace<T>(WorkspaceSlot::hidden_prev, N * P) : nullptr;  // dL/dh_t, for dW_hr
+  T* grad_out_all = s.has_proj ? workspace<T>(WorkspaceSlot::hidden_prev, N * P) : nullptr;  // dL/dh_t, for dW_hh
+  // bf16 products (LstmLayerBackwardArgs::bf16_products): each step's gate gradients rounded to bf16 as they are
+  // made (also the left operand of grad_input later), and W_hh in gate-column order packed for the bf16 GEMM.
+  const bool products16 = std::is_same_v<T, float> && a.bf16_products;
+  bf16* grads16 = products16 ? workspace<bf16>(WorkspaceSlot::gates, N * G4) : nullptr;
+  std::vector<bf16> w_hh16(products16 ? packed_b_bf16_size(G4, P) : 0);
+  if constexpr (std::is_same_v<T, float>)
+    if (products16) pack_gate_rows_bf16(G4, P, w_hh_p, kTile, w_hh16.data());
   T* grad_raw = s.has_proj ? workspace<T>(WorkspaceSlot::raw, s.batch * H) : nullptr;
   const int64_t blocks = columns.blocks();
 
@@ -564,6 +582,9 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
           block_backward(gates_t + b * LG + base, grad_gates_t + b * LG + base, width,
                          grad_cell_output + b * ld_grad + unit0,
                          grad_cell + b * H + unit0, cells_t + b * H + unit0, cell_prev + unit0);
+          if constexpr (std::is_same_v<T, float>)
+            if (products16)
+              at::vec::convert(grad_gates_t + b * LG + base, grads16 + (row0 + b) * G4 + base, 4 * width);
         }
       }
     });
@@ -575,6 +596,12 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
         const int64_t tile = item % p_tiles, p0 = tile * kTile, width = std::min(kTile, P - p0);
         int64_t b0, b1;
         split_range(n, dh_chunks, item / p_tiles, b0, b1);
+        if constexpr (std::is_same_v<T, float>)
+          if (products16) {
+            gemm_bf16(b1 - b0, width, G4, grads16 + (row0 + b0) * G4, G4, w_hh16.data(), P, p0,
+                      grad_hidden + b0 * P + p0, P, false);
+            continue;
+          }
         gemm(b1 - b0, width, G4, grad_gates_t + b0 * LG, LG, w_hh_p + p0 * G4, width, grad_hidden + b0 * P + p0, P,
              false);
       }
@@ -582,7 +609,7 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
   }
 
   if constexpr (std::is_same_v<T, float>)
-    if (a.bf16_products) return summed_gradients_bf16(a, steps, perm, grad_gates, w_ih_p);
+    if (products16) return summed_gradients_bf16(a, steps, perm, grad_gates, grads16, w_ih_p);
 
   // Gradients that sum over all steps, as large GEMMs.
   gemm_parallel(N, I, G4, grad_gates, LG, w_ih_p, LI, a.grad_input, I, false);
