@@ -167,6 +167,26 @@ def test_fused_forward_matches_composed(options, features):
             torch.testing.assert_close(a, b, **TOL)
 
 
+def _rows_near_a_relu_kink(transform, x, c, margin=1e-5):
+    """Rows of x for which some activation input lies within `margin` of zero (in float64): there float32
+    rounding in a different summation order may put it on the other side of relu's kink, and that row's input
+    gradient then differs by the unit's whole contribution (seen once: |z| = 9e-8 at hidden width 300)."""
+    t64 = copy.deepcopy(transform).double()
+    near = torch.zeros(x.shape[0], dtype=torch.bool)
+
+    def recording(z, act):
+        nonlocal near
+        near |= (z.abs() < margin).any(dim=1)
+        return act(z)
+
+    for m in t64.modules():
+        if hasattr(m, "activation"):
+            m.activation = (lambda act: lambda z: recording(z, act))(m.activation)
+    with torch.no_grad():
+        t64._forward_composed(x.detach().double(), None if c is None else c.double())
+    return near
+
+
 @settings(max_examples=25, deadline=None)
 @given(features=st.integers(1, 70), hidden=st.sampled_from([5, 16, 20, 48, 300]), batch=st.integers(1, 140),
        residual=st.booleans(), context=st.booleans(), seed=st.integers(0, 2**16))
@@ -185,8 +205,11 @@ def test_fused_forward_float32_shapes(features, hidden, batch, residual, context
     composed = t._forward_composed(x, c)
     for a, b in zip(fused, composed):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    g1 = torch.autograd.grad(fused[0].sum() + fused[1].sum(), [x, *t.parameters()], allow_unused=True)
-    g2 = torch.autograd.grad(composed[0].sum() + composed[1].sum(), [x, *t.parameters()], allow_unused=True)
+    # Gradients of a loss over the rows that no relu kink makes ambiguous (rows are independent here).
+    keep = ~_rows_near_a_relu_kink(t, x, c)
+    g1 = torch.autograd.grad(fused[0][keep].sum() + fused[1][keep].sum(), [x, *t.parameters()], allow_unused=True)
+    g2 = torch.autograd.grad(composed[0][keep].sum() + composed[1][keep].sum(), [x, *t.parameters()],
+                             allow_unused=True)
     for a, b in zip(g1, g2):
         if a is not None and b is not None:
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
