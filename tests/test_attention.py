@@ -765,6 +765,17 @@ def test_bf16_inputs_forward(L, S, E, Ev, Hk, causal, layout):
     assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("B,L,S", [(1, 5, 0), (1, 1, 0), (1, 0, 7), (0, 5, 7)])
+def test_bf16_inputs_empty(B, L, S):
+    # An empty tensor has no data pointer: the bf16 path must not take that for "no bf16 inputs" (it crashed once).
+    q, k, v = (t.to(torch.bfloat16) for t in qkv(B, 2, L, S, 8, dtype=F32, seed=2))
+    with torch.no_grad():
+        out = fl_sdpa(q, k, v)
+    assert out.shape == (B, 2, L, 8) and out.dtype == torch.bfloat16
+    if out.numel():
+        assert_close(out.float(), torch_sdpa(q.float(), k.float(), v.float()), atol=0, rtol=0)
+
+
 def test_autocast_dtype():
     q, k, v = qkv(2, 2, 9, 13, 8, dtype=F32)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -289,7 +289,7 @@ void scale_row(T* dst, const T* src, int64_t n, T factor) {
 template <typename T>
 bool bf16_inputs(const SdpaForwardArgs<T>& a) {
   if constexpr (std::is_same_v<T, float>)
-    return a.k16 != nullptr;
+    return a.reads_bf16;
   else
     return false;
 }

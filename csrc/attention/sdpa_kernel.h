@@ -47,9 +47,10 @@ struct SdpaInputs {
 
 template <typename T>
 struct SdpaForwardArgs : SdpaInputs<T> {
-  // Optional bfloat16 inputs (float forward only), with the strides above; when set, q, k and v are unused: the
-  // products read bf16 and accumulate in float on the GEMM engine's bf16 path (AMX or AVX512-BF16 through
+  // Optional bfloat16 inputs (float forward only), with the strides above; with reads_bf16, q, k and v are unused:
+  // the products read bf16 and accumulate in float on the GEMM engine's bf16 path (AMX or AVX512-BF16 through
   // oneDNN), probabilities rounded to bf16 for P V as torch's kernel does; the softmax stays float.
+  bool reads_bf16 = false;  // the inputs are q16, k16 and v16 (null where a tensor is empty)
   const c10::BFloat16* q16 = nullptr;
   const c10::BFloat16* k16 = nullptr;
   const c10::BFloat16* v16 = nullptr;

@@ -140,6 +140,7 @@ std::tuple<Tensor, Tensor> sdpa_cpu(const Tensor& query, const Tensor& key, cons
     fill_inputs<scalar_t>(a, p, is_causal, window_left, window_right, dropout_p, seed, scale);
     if constexpr (std::is_same_v<scalar_t, float>)
       if (bf16_products) {
+        a.reads_bf16 = true;
         a.q16 = reinterpret_cast<const c10::BFloat16*>(p.q.const_data_ptr());
         a.k16 = reinterpret_cast<const c10::BFloat16*>(p.k.const_data_ptr());
         a.v16 = reinterpret_cast<const c10::BFloat16*>(p.v.const_data_ptr());
