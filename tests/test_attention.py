@@ -765,6 +765,18 @@ def test_bf16_inputs_forward(L, S, E, Ev, Hk, causal, layout):
     assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
 
 
+def test_bf16_inputs_dropout_same_mask_as_float32():
+    # The mask depends only on the seed and the element, so bf16 inputs (bf16 products where native) drop the
+    # same elements as their float32 values do.
+    q, k, v = (t.to(torch.bfloat16) for t in qkv(2, 4, 70, 300, 16, dtype=F32, seed=5))
+    with torch.no_grad():
+        torch.manual_seed(3)
+        out16 = fl_sdpa(q, k, v, dropout_p=0.3)
+        torch.manual_seed(3)
+        out32 = fl_sdpa(q.float(), k.float(), v.float(), dropout_p=0.3)
+    assert_close(out16.float(), out32, atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("B,L,S", [(1, 5, 0), (1, 1, 0), (1, 0, 7), (0, 5, 7)])
 def test_bf16_inputs_empty(B, L, S):
     # An empty tensor has no data pointer: the bf16 path must not take that for "no bf16 inputs" (it crashed once).
