@@ -63,8 +63,8 @@ constexpr int64_t kStripColumns = 2 * strip_detail::kVecFloats;
 #else
 constexpr int64_t kStripColumns = 16;
 #endif
-// Rows of a register tile: 2 accumulators per row, so 12 of AVX2's 16 registers, or 24 of AVX-512's 32 (whose
-// FMAs are twice as wide, so each broadcast of A feeds twice the work).
+// Rows of a register tile: 2 accumulators per row, so 12 of AVX2's 16 registers, or 24 of AVX-512's 32 (with
+// twice the rows, each row of the strip loaded from L1 feeds twice the FMAs).
 #if defined(__AVX512F__)
 constexpr int kTileRows = 12;
 constexpr bool kAvx512Strips = true;
