@@ -167,62 +167,41 @@ T exp_shifted_with_max(T* row, int64_t n, T shift, T& row_max_out) {
   return sum;
 }
 
-#if defined(__AVX512F__)
-// The first whole vectors of a float row through dropout_keep, 16 lanes at a time (element i has the index whose
-// low half is lo + i, its high half hashed into `stream`); returns how many elements it did.
+// The first whole vectors of a float row through dropout_keep, a vector of lanes at a time (element i has the
+// index whose low half is lo + i, its high half hashed into `stream`); returns how many elements it did. The
+// same bits as mix32: integer lanes wrap as uint32_t does, and a logical shift is the arithmetic one with the
+// copies of the sign bit masked off.
 int64_t dropout_row_lanes(float* row, int64_t n, uint32_t lo, uint32_t stream, float keep_scale, uint32_t threshold) {
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i mul1 = _mm512_set1_epi32(static_cast<int>(0x7feb352dU));
-  const __m512i mul2 = _mm512_set1_epi32(static_cast<int>(0x846ca68bU));
-  const __m512i vstream = _mm512_set1_epi32(static_cast<int>(stream));
-  const __m512i vthreshold = _mm512_set1_epi32(static_cast<int>(threshold));
-  const __m512 scale = _mm512_set1_ps(keep_scale);
+  using VI = Vectorized<int32_t>;
+  using VF = Vectorized<float>;
+  static_assert(VI::size() == VF::size());
+  const auto shift_right = [](const VI& x, int bits) {
+    return (x >> VI(bits)) & VI(static_cast<int32_t>(0xffffffffu >> bits));
+  };
+  int32_t offsets[VI::size()];
+  for (int64_t k = 0; k < VI::size(); ++k) offsets[k] = static_cast<int32_t>(k);
+  const VI lane = VI::loadu(offsets);
   int64_t c = 0;
-  for (; c + 16 <= n; c += 16) {
-    const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(lo + uint32_t(c))), lane);
-    __m512i x = _mm512_xor_si512(index, vstream);
-    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-    x = _mm512_mullo_epi32(x, mul1);
-    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
-    x = _mm512_mullo_epi32(x, mul2);
-    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-    const __mmask16 keep = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(x, 8), vthreshold);
-    _mm512_storeu_ps(row + c, _mm512_maskz_mul_ps(keep, _mm512_loadu_ps(row + c), scale));
-  }
-  return c;
-}
-#elif defined(__AVX2__)
-int64_t dropout_row_lanes(float* row, int64_t n, uint32_t lo, uint32_t stream, float keep_scale, uint32_t threshold) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i mul1 = _mm256_set1_epi32(static_cast<int>(0x7feb352dU));
-  const __m256i mul2 = _mm256_set1_epi32(static_cast<int>(0x846ca68bU));
-  const __m256i vstream = _mm256_set1_epi32(static_cast<int>(stream));
-  const __m256i vthreshold = _mm256_set1_epi32(static_cast<int>(threshold));
-  const __m256 scale = _mm256_set1_ps(keep_scale);
-  int64_t c = 0;
-  for (; c + 8 <= n; c += 8) {
-    const __m256i index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo + uint32_t(c))), lane);
-    __m256i x = _mm256_xor_si256(index, vstream);
-    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-    x = _mm256_mullo_epi32(x, mul1);
-    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
-    x = _mm256_mullo_epi32(x, mul2);
-    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  for (; c + VI::size() <= n; c += VI::size()) {
+    VI x = (VI(static_cast<int32_t>(lo + uint32_t(c))) + lane) ^ VI(static_cast<int32_t>(stream));
+    x = x ^ shift_right(x, 16);
+    x = x * VI(static_cast<int32_t>(0x7feb352dU));
+    x = x ^ shift_right(x, 15);
+    x = x * VI(static_cast<int32_t>(0x846ca68bU));
+    x = x ^ shift_right(x, 16);
     // x >> 8 < 2^24 and threshold <= 2^24: a signed comparison is exact. Dropped where threshold > x >> 8.
-    const __m256i drop = _mm256_cmpgt_epi32(vthreshold, _mm256_srli_epi32(x, 8));
-    const __m256 kept = _mm256_mul_ps(_mm256_loadu_ps(row + c), scale);
-    _mm256_storeu_ps(row + c, _mm256_andnot_ps(_mm256_castsi256_ps(drop), kept));
+    const VI drop = VI(static_cast<int32_t>(threshold)) > shift_right(x, 8);
+    const VF kept = VF::loadu(row + c) * VF(keep_scale);
+    VF::blendv(kept, VF(0.f), at::vec::cast<float>(drop)).store(row + c);
   }
   return c;
 }
-#endif
 
 // Multiplies probabilities by the dropout mask scaled by 1/(1-p): zero where dropped.
 template <typename T>
 void apply_dropout(T* row, int64_t n, const SdpaMasking& m, uint64_t first_index, T keep_scale,
                    uint32_t threshold) {
   int64_t c = 0;
-#if defined(__AVX512F__) || defined(__AVX2__)
   // float: dropout_keep's hash in 32-bit lanes (as scalar, one hash per element it cost a third of the time of a
   // forward with dropout). A row's indices share their high half unless the row crosses a multiple of 2^32; such
   // a row (rare) stays scalar.
@@ -234,7 +213,6 @@ void apply_dropout(T* row, int64_t n, const SdpaMasking& m, uint64_t first_index
       c = dropout_row_lanes(row, n, lo, stream, keep_scale, threshold);
     }
   }
-#endif
   for (; c < n; ++c)
     row[c] = dropout_keep(m.seed, first_index + c, threshold) ? row[c] * keep_scale : T(0);
 }
