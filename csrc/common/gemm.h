@@ -28,6 +28,12 @@ void pack_b_bf16(int64_t K, int64_t N, const bf16* B, int64_t ldb, bf16* B_packe
 void gemm_bf16(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf16* B_packed,
                int64_t N_packed, int64_t n0, float* C, int64_t ldc, bool accumulate);
 
+// Multi-threaded versions for large bf16 products: B [K x N] packed with its row pairs shared among threads, and
+// C[M x N] = A B (B packed, full width N) over output tiles.
+void pack_b_bf16_parallel(int64_t K, int64_t N, const bf16* B, bf16* B_packed);
+void gemm_parallel_bf16(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf16* B_packed, float* C,
+                        int64_t ldc);
+
 // Multi-threaded over output tiles; for the large products (input projections, weight gradients).
 void gemm_parallel(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                    float* C, int64_t ldc, bool accumulate);

@@ -274,6 +274,29 @@ void gemm_bf16(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, cons
   }
 }
 
+void pack_b_bf16_parallel(int64_t K, int64_t N, const bf16* B, bf16* B_packed) {
+  constexpr int64_t kRows = 64;  // even: each chunk starts on a row pair
+  parallel_for((K + kRows - 1) / kRows, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t k0 = c * kRows;
+      pack_b_bf16(std::min(kRows, K - k0), N, B + k0 * N, N, B_packed + k0 * N);
+    }
+  });
+}
+
+void gemm_parallel_bf16(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf16* B_packed, float* C,
+                        int64_t ldc) {
+  constexpr int64_t kRows = 128, kCols = 256;
+  const int64_t tiles_m = (M + kRows - 1) / kRows, tiles_n = (N + kCols - 1) / kCols;
+  parallel_for(tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t m0 = (t % tiles_m) * kRows, n0 = (t / tiles_m) * kCols;
+      gemm_bf16(std::min(kRows, M - m0), std::min(kCols, N - n0), K, A + m0 * lda, lda, B_packed, N, n0,
+                C + m0 * ldc + n0, ldc, false);
+    }
+  });
+}
+
 namespace {
 
 template <typename T>

@@ -425,31 +425,6 @@ void round_rows_bf16(int64_t rows, int64_t cols, const float* src, int64_t ld_sr
   });
 }
 
-// B [K x N] (bf16, row-major) packed for gemm_bf16, row pairs shared among threads.
-void pack_b_bf16_parallel(int64_t K, int64_t N, const bf16* B, bf16* out) {
-  constexpr int64_t kRows = 64;  // even: each chunk starts on a row pair
-  parallel_for((K + kRows - 1) / kRows, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t k0 = c * kRows;
-      pack_b_bf16(std::min(kRows, K - k0), N, B + k0 * N, N, out + k0 * N);
-    }
-  });
-}
-
-// C[M x N] = A[M x K] B on the bf16 GEMM (B packed by pack_b_bf16, full width N), tiles shared among threads.
-void gemm_parallel_bf16(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf16* B_packed, float* C,
-                        int64_t ldc) {
-  constexpr int64_t kTileRows = 128, kTileCols = 256;
-  const int64_t tiles_m = (M + kTileRows - 1) / kTileRows, tiles_n = (N + kTileCols - 1) / kTileCols;
-  parallel_for(tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t m0 = (t % tiles_m) * kTileRows, n0 = (t / tiles_m) * kTileCols;
-      gemm_bf16(std::min(kTileRows, M - m0), std::min(kTileCols, N - n0), K, A + m0 * lda, lda, B_packed, N, n0,
-                C + m0 * ldc + n0, ldc, false);
-    }
-  });
-}
-
 // W_hh for the recurrent product on the bf16 GEMM: its float copy in gate-column order, cut into column panels of
 // `panel` columns ([G4 x width] each, as the float product reads it), rounded and packed as one [G4 x P] operand.
 void pack_gate_rows_bf16(int64_t G4, int64_t P, const float* panels, int64_t panel, bf16* out) {
