@@ -253,6 +253,43 @@ void scale_add(T* out, const R* row, int64_t n, T keep, T weight) {
   for (; c < n; ++c) out[c] = out[c] * keep + weight * static_cast<T>(row[c]);
 }
 
+// out[c] = out[c] * keep + sum over j of weights[j] * rows[j][c], for `count` rows `stride` apart: the output
+// stays in registers across the rows, in chunks of four vectors (a call per row, through memory, took a third of
+// a decoding step; decoding from cache, S = 2048, went 0.130 -> 0.109 ms).
+template <typename T, typename R>
+void accumulate_rows(T* out, const R* rows, int64_t stride, const T* weights, int64_t count, int64_t n, T keep) {
+  using V = Vectorized<T>;
+  constexpr int64_t kStep = 4 * V::size();
+  int64_t c = 0;
+  // Four named accumulators: GCC kept an array of them on the stack.
+  for (; c + kStep <= n; c += kStep) {
+    V a0 = V::loadu(out + c) * V(keep), a1 = V::loadu(out + c + V::size()) * V(keep);
+    V a2 = V::loadu(out + c + 2 * V::size()) * V(keep), a3 = V::loadu(out + c + 3 * V::size()) * V(keep);
+    for (int64_t j = 0; j < count; ++j) {
+      const V w(weights[j]);
+      const R* r = rows + j * stride + c;
+      a0 = at::vec::fmadd(w, load_row(r), a0);
+      a1 = at::vec::fmadd(w, load_row(r + V::size()), a1);
+      a2 = at::vec::fmadd(w, load_row(r + 2 * V::size()), a2);
+      a3 = at::vec::fmadd(w, load_row(r + 3 * V::size()), a3);
+    }
+    a0.store(out + c);
+    a1.store(out + c + V::size());
+    a2.store(out + c + 2 * V::size());
+    a3.store(out + c + 3 * V::size());
+  }
+  for (; c + V::size() <= n; c += V::size()) {
+    V acc = V::loadu(out + c) * V(keep);
+    for (int64_t j = 0; j < count; ++j) acc = at::vec::fmadd(V(weights[j]), load_row(rows + j * stride + c), acc);
+    acc.store(out + c);
+  }
+  for (; c < n; ++c) {
+    T acc = out[c] * keep;
+    for (int64_t j = 0; j < count; ++j) acc += weights[j] * static_cast<T>(rows[j * stride + c]);
+    out[c] = acc;
+  }
+}
+
 // dst[c] = src[c] * factor (dst may be src). In vector lanes: GCC leaves this loop scalar (dst and src may
 // overlap), and at one row of the output per row of scores it took a sixth of a bf16 forward.
 template <typename T>
@@ -320,9 +357,7 @@ void decode_impl(const SdpaForwardArgs<T>& a, const In* q_in, const In* k_in, co
           run_max = new_max;
           if (dropout)
             apply_dropout(scores.data(), cols, m, (uint64_t(bh) * L + i) * S + j0, keep_scale, threshold);
-          for (int64_t c = 0; c < cols; ++c) {
-            scale_add(out, v + (j0 + c) * a.v_strides.row, Ev, c == 0 ? correction : T(1), scores[c]);
-          }
+          accumulate_rows(out, v + j0 * a.v_strides.row, a.v_strides.row, scores.data(), cols, Ev, correction);
         }
         part_max[slot] = run_max;
         part_sum[slot] = run_sum;
