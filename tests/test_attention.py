@@ -213,6 +213,18 @@ def test_float32_head_dims_and_lengths(L, S, E, Ev, causal, Hk, seed):
     compare(q, k, v, is_causal=causal, enable_gqa=True)
 
 
+@settings(max_examples=20, deadline=None)
+@given(L=st.integers(1, 8), S=st.integers(1, 300), E=st.sampled_from([8, 20, 64]), Ev=st.sampled_from([5, 64, 72]),
+       window=st.sampled_from([None, (3, 0), (40, 7), (0, 100)]), Hk=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**16))
+def test_decode_queries_share_key_blocks(L, S, E, Ev, window, Hk, seed):
+    """The decode path (L <= 8) runs every query over each block of keys in turn; each query keeps its own key
+    range (windows clip them differently), running maximum and sum. float32, grouped heads, partial blocks."""
+    q, k, v = qkv(1, 2, L, S, E, Ev, dtype=F32, seed=seed, Hk=Hk)
+    band = band_mask(L, S, *window) if window else None
+    compare(q, k, v, window=window, enable_gqa=True, ref_kw={}, ref_mask=(lambda m: band) if window else None)
+
+
 def test_large_scores_are_stable():
     # Scores of magnitude ~1e3: the online softmax must rescale without overflow.
     q, k, v = qkv(1, 2, 70, 200, 16)

@@ -331,36 +331,50 @@ void decode_impl(const SdpaForwardArgs<T>& a, const In* q_in, const In* k_in, co
   std::vector<T> part_out(heads * splits * L * Ev, T(0));
 
   parallel_for(heads * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> q_scaled(E), scores(kDecodeBlock);
+    std::vector<T> q_scaled(L * E), scores(kDecodeBlock), run_max(L), run_sum(L);
+    std::vector<int64_t> first(L), last(L);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / splits, split = item % splits;
       const HeadIndex hd = head_of(bh, s);
       const In* k = k_in + hd.batch * a.k_strides.batch + hd.kv_head * a.k_strides.head;
       const In* v = v_in + hd.batch * a.v_strides.batch + hd.kv_head * a.v_strides.head;
+      // Each query's keys in this split, [first, last); the blocks run over their union.
+      int64_t lo = S, hi = 0;
       for (int64_t i = 0; i < L; ++i) {
         const In* q = q_in + hd.batch * a.q_strides.batch + hd.q_head * a.q_strides.head + i * a.q_strides.row;
-        for (int64_t c = 0; c < E; ++c) q_scaled[c] = static_cast<T>(q[c]) * scale;
+        for (int64_t c = 0; c < E; ++c) q_scaled[i * E + c] = static_cast<T>(q[c]) * scale;
         const KeyRange keys = allowed_keys(i, S, m.causal, m.window_left, m.window_right);
-        const int64_t j_begin = std::max(split * chunk, keys.first);
-        const int64_t j_end = std::min({(split + 1) * chunk, keys.last + 1, S});
-        const int64_t slot = (bh * splits + split) * L + i;
-        T run_max = neg_inf<T>(), run_sum = 0;
-        T* out = part_out.data() + slot * Ev;
-        for (int64_t j0 = j_begin; j0 < j_end; j0 += kDecodeBlock) {
-          const int64_t cols = std::min(kDecodeBlock, j_end - j0);
-          for (int64_t c = 0; c < cols; ++c) scores[c] = dot(q_scaled.data(), k + (j0 + c) * a.k_strides.row, E);
+        first[i] = std::max(split * chunk, keys.first);
+        last[i] = std::min({(split + 1) * chunk, keys.last + 1, S});
+        if (first[i] < last[i]) lo = std::min(lo, first[i]), hi = std::max(hi, last[i]);
+        run_max[i] = neg_inf<T>();
+        run_sum[i] = T(0);
+      }
+      // Queries inside the block loop: a block of keys and values (2 x 64 rows) is read from memory once and
+      // serves every query from cache (query by query, L queries read K and V L times).
+      for (int64_t block = lo; block < hi; block += kDecodeBlock) {
+        for (int64_t i = 0; i < L; ++i) {
+          const int64_t j0 = std::max(block, first[i]), j1 = std::min(block + kDecodeBlock, last[i]);
+          if (j1 <= j0) continue;
+          const int64_t cols = j1 - j0;
+          T* out = part_out.data() + ((bh * splits + split) * L + i) * Ev;
+          for (int64_t c = 0; c < cols; ++c)
+            scores[c] = dot(q_scaled.data() + i * E, k + (j0 + c) * a.k_strides.row, E);
           finish_scores(scores.data(), kDecodeBlock, 1, cols, i, j0, hd.batch, hd.q_head, s, m, T(1));
-          const T new_max = std::max(run_max, row_max(scores.data(), cols));
+          const T new_max = std::max(run_max[i], row_max(scores.data(), cols));
           if (new_max == neg_inf<T>()) continue;
-          const T correction = std::exp(run_max - new_max);
-          run_sum = run_sum * correction + exp_shifted(scores.data(), cols, new_max);
-          run_max = new_max;
+          const T correction = std::exp(run_max[i] - new_max);
+          run_sum[i] = run_sum[i] * correction + exp_shifted(scores.data(), cols, new_max);
+          run_max[i] = new_max;
           if (dropout)
             apply_dropout(scores.data(), cols, m, (uint64_t(bh) * L + i) * S + j0, keep_scale, threshold);
           accumulate_rows(out, v + j0 * a.v_strides.row, a.v_strides.row, scores.data(), cols, Ev, correction);
         }
-        part_max[slot] = run_max;
-        part_sum[slot] = run_sum;
+      }
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t slot = (bh * splits + split) * L + i;
+        part_max[slot] = run_max[i];
+        part_sum[slot] = run_sum[i];
       }
     }
   });
