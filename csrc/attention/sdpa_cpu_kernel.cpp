@@ -310,7 +310,8 @@ bool bf16_inputs(const SdpaForwardArgs<T>& a) {
 }
 
 // Few queries against many keys (decoding): memory bound, so no GEMM and no transposed copy of the keys;
-// the keys are split among threads when there are fewer heads than threads, and the partial softmaxes merged.
+// the keys are split among threads when there are fewer key/value heads than twice the threads, and the partial
+// softmaxes merged.
 template <typename T, typename In>
 void decode_impl(const SdpaForwardArgs<T>& a, const In* q_in, const In* k_in, const In* v_in) {
   const SdpaSizes& s = a.sizes;
@@ -318,9 +319,11 @@ void decode_impl(const SdpaForwardArgs<T>& a, const In* q_in, const In* k_in, co
   const int64_t E = s.head_dim, Ev = s.v_dim, L = s.q_len, S = s.kv_len;
   const int64_t heads = s.batch * s.q_heads;
   if (heads == 0 || L == 0) return;
+  // A work item is a key/value head (all the query heads of its group, all queries) and a split of its keys.
+  const int64_t group = s.q_heads / s.kv_heads, kv_heads = s.batch * s.kv_heads, rows = group * L;
   const int threads = num_threads();
-  const int64_t splits = heads >= 2 * threads ? 1 : std::max<int64_t>(1, std::min<int64_t>(
-      (2 * threads + heads - 1) / heads, (S + kDecodeBlock - 1) / kDecodeBlock));
+  const int64_t splits = kv_heads >= 2 * threads ? 1 : std::max<int64_t>(1, std::min<int64_t>(
+      (2 * threads + kv_heads - 1) / kv_heads, (S + kDecodeBlock - 1) / kDecodeBlock));
   const int64_t chunk = ((S + splits - 1) / splits + kDecodeBlock - 1) / kDecodeBlock * kDecodeBlock;
   const T scale = static_cast<T>(a.scale);
   const bool dropout = m.dropout_p > 0;
@@ -330,51 +333,53 @@ void decode_impl(const SdpaForwardArgs<T>& a, const In* q_in, const In* k_in, co
   std::vector<T> part_max(heads * splits * L, neg_inf<T>()), part_sum(heads * splits * L, T(0));
   std::vector<T> part_out(heads * splits * L * Ev, T(0));
 
-  parallel_for(heads * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> q_scaled(L * E), scores(kDecodeBlock), run_max(L), run_sum(L);
-    std::vector<int64_t> first(L), last(L);
+  parallel_for(kv_heads * splits, 1, [&](int64_t begin, int64_t end) {
+    // Per row (query head g of the group, query i; row g L + i): scaled query, key range, running max and sum.
+    std::vector<T> q_scaled(rows * E), scores(kDecodeBlock), run_max(rows), run_sum(rows);
+    std::vector<int64_t> first(rows), last(rows);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / splits, split = item % splits;
-      const HeadIndex hd = head_of(bh, s);
-      const In* k = k_in + hd.batch * a.k_strides.batch + hd.kv_head * a.k_strides.head;
-      const In* v = v_in + hd.batch * a.v_strides.batch + hd.kv_head * a.v_strides.head;
-      // Each query's keys in this split, [first, last); the blocks run over their union.
+      const int64_t kv_head = item / splits, split = item % splits;
+      const int64_t batch = kv_head / s.kv_heads, kvh = kv_head % s.kv_heads;
+      const In* k = k_in + batch * a.k_strides.batch + kvh * a.k_strides.head;
+      const In* v = v_in + batch * a.v_strides.batch + kvh * a.v_strides.head;
+      const int64_t bh0 = batch * s.q_heads + kvh * group;  // the group's first query head
       int64_t lo = S, hi = 0;
-      for (int64_t i = 0; i < L; ++i) {
-        const In* q = q_in + hd.batch * a.q_strides.batch + hd.q_head * a.q_strides.head + i * a.q_strides.row;
-        for (int64_t c = 0; c < E; ++c) q_scaled[i * E + c] = static_cast<T>(q[c]) * scale;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t g = r / L, i = r % L;
+        const In* q = q_in + batch * a.q_strides.batch + (kvh * group + g) * a.q_strides.head + i * a.q_strides.row;
+        for (int64_t c = 0; c < E; ++c) q_scaled[r * E + c] = static_cast<T>(q[c]) * scale;
         const KeyRange keys = allowed_keys(i, S, m.causal, m.window_left, m.window_right);
-        first[i] = std::max(split * chunk, keys.first);
-        last[i] = std::min({(split + 1) * chunk, keys.last + 1, S});
-        if (first[i] < last[i]) lo = std::min(lo, first[i]), hi = std::max(hi, last[i]);
-        run_max[i] = neg_inf<T>();
-        run_sum[i] = T(0);
+        first[r] = std::max(split * chunk, keys.first);
+        last[r] = std::min({(split + 1) * chunk, keys.last + 1, S});
+        if (first[r] < last[r]) lo = std::min(lo, first[r]), hi = std::max(hi, last[r]);
+        run_max[r] = neg_inf<T>();
+        run_sum[r] = T(0);
       }
-      // Queries inside the block loop: a block of keys and values (2 x 64 rows) is read from memory once and
-      // serves every query from cache (query by query, L queries read K and V L times).
+      // Rows inside the block loop: a block of keys and values (2 x 64 rows) is read from memory once and serves
+      // every query of every head in the group from cache (row by row, K and V were read once per row).
       for (int64_t block = lo; block < hi; block += kDecodeBlock) {
-        for (int64_t i = 0; i < L; ++i) {
-          const int64_t j0 = std::max(block, first[i]), j1 = std::min(block + kDecodeBlock, last[i]);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t j0 = std::max(block, first[r]), j1 = std::min(block + kDecodeBlock, last[r]);
           if (j1 <= j0) continue;
-          const int64_t cols = j1 - j0;
+          const int64_t cols = j1 - j0, g = r / L, i = r % L, bh = bh0 + g;
           T* out = part_out.data() + ((bh * splits + split) * L + i) * Ev;
           for (int64_t c = 0; c < cols; ++c)
-            scores[c] = dot(q_scaled.data() + i * E, k + (j0 + c) * a.k_strides.row, E);
-          finish_scores(scores.data(), kDecodeBlock, 1, cols, i, j0, hd.batch, hd.q_head, s, m, T(1));
-          const T new_max = std::max(run_max[i], row_max(scores.data(), cols));
+            scores[c] = dot(q_scaled.data() + r * E, k + (j0 + c) * a.k_strides.row, E);
+          finish_scores(scores.data(), kDecodeBlock, 1, cols, i, j0, batch, kvh * group + g, s, m, T(1));
+          const T new_max = std::max(run_max[r], row_max(scores.data(), cols));
           if (new_max == neg_inf<T>()) continue;
-          const T correction = std::exp(run_max[i] - new_max);
-          run_sum[i] = run_sum[i] * correction + exp_shifted(scores.data(), cols, new_max);
-          run_max[i] = new_max;
+          const T correction = std::exp(run_max[r] - new_max);
+          run_sum[r] = run_sum[r] * correction + exp_shifted(scores.data(), cols, new_max);
+          run_max[r] = new_max;
           if (dropout)
             apply_dropout(scores.data(), cols, m, (uint64_t(bh) * L + i) * S + j0, keep_scale, threshold);
           accumulate_rows(out, v + j0 * a.v_strides.row, a.v_strides.row, scores.data(), cols, Ev, correction);
         }
       }
-      for (int64_t i = 0; i < L; ++i) {
-        const int64_t slot = (bh * splits + split) * L + i;
-        part_max[slot] = run_max[i];
-        part_sum[slot] = run_sum[i];
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t slot = ((bh0 + r / L) * splits + split) * L + r % L;
+        part_max[slot] = run_max[r];
+        part_sum[slot] = run_sum[r];
       }
     }
   });
