@@ -536,8 +536,7 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
       const int64_t q_offset = hd.batch * a.q_strides.batch + hd.q_head * a.q_strides.head + i0 * a.q_strides.row;
       if (!packed16) {
         const T* q_in = a.q + q_offset;
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t c = 0; c < E; ++c) q_scaled[r * E + c] = q_in[r * a.q_strides.row + c] * scale;
+        for (int64_t r = 0; r < rows; ++r) scale_row(q_scaled.data() + r * E, q_in + r * a.q_strides.row, E, scale);
       }
       const int64_t kv_head = hd.batch * s.kv_heads + hd.kv_head;
       const T* k_t = keys_t + kv_head * key_floats;
