@@ -233,6 +233,19 @@ def test_large_scores_are_stable():
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("peak_key", [3, 40, 127, 200, 300])
+def test_score_peak_after_the_first_keys(dtype, peak_key):
+    # The forward shifts a row's first key tile by the maximum of its first few scores and redoes the tile when a
+    # later score exceeds that by more than its slack: here one key scores 10, 40 or 100 above every other.
+    q, k, v = qkv(2, 2, 24, 320, 16, dtype=dtype)
+    k = k.clone()
+    for gap in (10.0, 40.0, 100.0):
+        k[0, :, peak_key] = q[0, :, 0] * gap * 4 / q[0, :, 0].square().sum(-1, keepdim=True)
+        # float32: gradients of magnitude ~gap, so the absolute tolerance scales with it (the reference's too).
+        compare(q, k.detach().clone().requires_grad_(), v, tol=None if dtype == F64 else dict(atol=1e-4, rtol=1e-4))
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
 def test_large_finite_mask_values(dtype):
     # The additive-padding idioms (-1e9, finfo.min, even finfo.max) must neither overflow nor give NaN.
     q, k, v = qkv(2, 2, 70, 131, 8, dtype=dtype)

@@ -33,9 +33,10 @@ using at::vec::Vectorized;
 
 constexpr int64_t kQueryTile = 64;
 constexpr int64_t kKeyTile = 128;
-// How far a key tile's scores may exceed a row's running maximum and still be exponentiated relative to it:
-// exp(16) * S stays far from float overflow, and the sum keeps full relative precision.
-constexpr float kShiftSlack = 16;
+// How far a key tile's scores may exceed a row's shift and still be exponentiated relative to it: the sum and
+// the weighted values stay below exp(32) * S * max|v| (8e13 per key), far from float overflow, with full relative
+// precision. Wide, so that a first tile's shift, taken from its first vector of scores, rarely needs a redo.
+constexpr float kShiftSlack = 32;
 // Up to this many queries per head the forward takes the decoding path (GEMV-like, memory bound).
 constexpr int64_t kDecodeMaxQueries = 8;
 constexpr int64_t kDecodeBlock = 64;
@@ -572,13 +573,17 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
         finish_scores(scores.data(), kKeyTile, rows, cols, i0, j0, hd.batch, hd.q_head, s, m, score_scale);
         for (int64_t r = 0; r < rows; ++r) {
           T* p = scores.data() + r * kKeyTile;
-          if (row_max_v[r] != neg_inf<T>()) {
-            // After a row's first live tile: exponentials relative to its running maximum in one pass (no
-            // separate max pass, no rescaling). Softmax does not depend on the shift; only overflow does, so
-            // a tile whose maximum exceeds the shift by more than kShiftSlack is recomputed the two-pass way.
+          // Exponentials in one pass (no separate max pass, no rescaling), relative to the row's running maximum
+          // or, on its first tile, to the maximum of the tile's first vector of scores. Softmax does not depend on
+          // the shift; only overflow does, so a tile whose maximum exceeds the shift by more than kShiftSlack is
+          // recomputed the two-pass way. The shift is at most the row's maximum, so the sum is at least 1.
+          const int64_t first_lanes = std::min<int64_t>(Vectorized<T>::size(), cols);
+          const T shift = row_max_v[r] != neg_inf<T>() ? row_max_v[r] : row_max(p, first_lanes);
+          if (shift != neg_inf<T>()) {
             T tile_max;
-            const T sum = exp_shifted_with_max(p, cols, row_max_v[r], tile_max);
-            if (!(tile_max > row_max_v[r] + kShiftSlack)) {
+            const T sum = exp_shifted_with_max(p, cols, shift, tile_max);
+            if (!(tile_max > shift + kShiftSlack)) {
+              row_max_v[r] = shift;
               row_sum[r] += sum;
               if (dropout)
                 apply_dropout(p, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
