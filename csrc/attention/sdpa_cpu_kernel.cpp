@@ -526,7 +526,10 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
   // The bf16 products take the scale on the float scores; the others on a scaled copy of the queries.
   const T score_scale = packed16 ? scale : T(1);
 
-  parallel_for(items, grain, [&](int64_t begin, int64_t end) {
+  // Chunks of about a sixteenth of each thread's share, taken in turn (causal items differ in cost, and a busy
+  // machine slows one thread more than another).
+  const int64_t chunk = std::max(grain, items / (16 * int64_t(num_threads())));
+  parallel_for_dynamic(items, chunk, [&](int64_t begin, int64_t end) {
     std::vector<T> scores(kQueryTile * kKeyTile), acc(kQueryTile * Ev), q_scaled(packed16 ? 0 : kQueryTile * E);
     std::vector<T> row_max_v(kQueryTile), row_sum(kQueryTile);
     std::vector<bf16> probs16(packed16 ? kQueryTile * kKeyTile : 0);

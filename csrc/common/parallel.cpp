@@ -2,6 +2,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <thread>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -27,6 +28,19 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
   if (n <= 0) return;
   if (grain < 1) grain = 1;
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { fn(begin, end); });
+}
+
+void parallel_for_dynamic(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  if (chunk < 1) chunk = 1;
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  const int64_t threads = std::min<int64_t>(chunks, num_threads());
+  if (threads <= 1 || at::in_parallel_region()) return fn(0, n);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t begin; (begin = next.fetch_add(chunk, std::memory_order_relaxed)) < n;)
+      fn(begin, std::min(n, begin + chunk));
+  });
 }
 
 void TeamBarrier::wait(int size) {

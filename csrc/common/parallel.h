@@ -14,6 +14,11 @@ int num_threads();
 // `grain` long (so small loops stay on one thread). Runs inline when already inside a parallel region.
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
+// Like parallel_for, but threads take chunks of `chunk` indices in turn from a shared counter, so a thread that the
+// machine slows down (a busy neighbour, an interrupt) does less of the work instead of keeping the others waiting.
+// For loops whose iterations are independent and whose results do not depend on how the range is chunked.
+void parallel_for_dynamic(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn);
+
 // A spinning barrier for the threads of one parallel_team call: a step loop whose steps depend on each other
 // (an LSTM's time steps) waits here instead of opening a parallel region per step (a few microseconds each).
 class TeamBarrier {
