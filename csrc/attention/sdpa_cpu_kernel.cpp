@@ -673,8 +673,9 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
 
   // Work is dealt out as `threads` groups of items, and each group owns one dQ buffer in split mode: the buffer
   // follows the group, not the thread id, so it stays private even if a nested call runs the groups inline.
+  // Whole heads are taken one at a time in turn (see parallel_for_dynamic); the split groups, one per thread.
   const int64_t groups = split_keys ? threads : items;
-  parallel_for(groups, 1, [&](int64_t group_begin, int64_t group_end) {
+  (split_keys ? parallel_for : parallel_for_dynamic)(groups, 1, [&](int64_t group_begin, int64_t group_end) {
     for (int64_t group_index = group_begin; group_index < group_end; ++group_index) {
       int64_t begin, end;
       if (split_keys) {

@@ -321,7 +321,9 @@ void tiled_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
   const int64_t tiles_m = (M + tile_m - 1) / tile_m, tiles_n = (N + tile_n - 1) / tile_n;
   const int64_t flops_per_tile = 2 * std::min(tile_m, M) * std::min(tile_n, N) * std::max<int64_t>(K, 1);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(flops_per_tile, 1));
-  parallel_for(tiles_m * tiles_n, grain, [&](int64_t begin, int64_t end) {
+  // Tiles taken in turn (parallel_for_dynamic): every tile computes its block of C whole, so the result does not
+  // depend on which thread takes it.
+  parallel_for_dynamic(tiles_m * tiles_n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       // Column-major order over tiles: consecutive tiles share the same B panel.
       const int64_t tm = t % tiles_m, tn = t / tiles_m;
