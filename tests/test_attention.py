@@ -813,11 +813,13 @@ def test_bf16_inputs_empty(B, L, S):
         assert_close(out.float(), torch_sdpa(q.float(), k.float(), v.float()), atol=0, rtol=0)
 
 
-def test_autocast_dtype():
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_autocast_dtype(autocast_dtype):
+    # The autocast dtype in effect, as torch's: float16 autocast runs (and returns) float16, not bfloat16.
     q, k, v = qkv(2, 2, 9, 13, 8, dtype=F32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=autocast_dtype):
         ours, theirs = fl_sdpa(q, k, v), torch_sdpa(q, k, v)
-    assert ours.dtype == theirs.dtype
+    assert ours.dtype == theirs.dtype == autocast_dtype
     assert_close(ours.float(), theirs.float(), atol=3e-2, rtol=3e-2)
 
 
@@ -1129,6 +1131,29 @@ def test_negative_dropout_rejected():
     # we reject it for every rank.
     with pytest.raises(RuntimeError, match="dropout probability has to be between 0 and 1"):
         fl_sdpa(_t(3, 4), _t(3, 4), _t(3, 4), dropout_p=-0.1)
+
+
+def test_scale_and_enable_gqa_are_keyword_only_like_torch():
+    q, k, v = qkv(2, 2, 3, 5, 4)
+    for args in [(None, 0.0, False, 0.5), (None, 0.0, False, None, False)]:
+        with pytest.raises(TypeError, match="positional argument"):
+            torch_sdpa(q, k, v, *args)
+        with pytest.raises(TypeError, match="positional argument"):
+            fl_sdpa(q, k, v, *args)
+    with pytest.raises(TypeError, match="positional argument"):
+        fl_sdpa(q, k, v, None, 0.0, False, None, False, (1, 1))  # window: keyword-only too
+    assert_close(fl_sdpa(q, k, v, None, 0.0, False, scale=0.5), torch_sdpa(q, k, v, None, 0.0, False, scale=0.5))
+
+
+@pytest.mark.parametrize("scale", ["a", [0.5], 1j, torch.tensor([0.5])], ids=str)
+def test_non_numeric_scale_raises_type_error_like_torch(scale):
+    q, k, v = qkv(2, 2, 3, 5, 4)
+    with pytest.raises(TypeError, match="argument 'scale' must be float"):
+        torch_sdpa(q, k, v, scale=scale)
+    with pytest.raises(TypeError, match="argument 'scale' must be float"):
+        fl_sdpa(q, k, v, scale=scale)
+    for ok in (1, True, torch.tensor(0.5)):  # what torch's parser takes as a float
+        assert_close(fl_sdpa(q, k, v, scale=ok), torch_sdpa(q, k, v, scale=ok))
 
 
 @pytest.mark.parametrize("window", [(-1, 0), (0, -2), (1.5, 0), (1,), (1, 2, 3), "ab", 3, (0, "1")], ids=str)

@@ -764,6 +764,26 @@ def test_convert_top_level_module_and_subclasses():
     assert fusedlayers.convert(mine) is mine
 
 
+def test_convert_replaces_a_shared_module_once():
+    # A module held under several names (one parent, or several) becomes one new module held under all of them.
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.LSTM(INPUT_SIZE, HIDDEN)
+            self.b = self.a
+            cell = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN)
+            self.seq = torch.nn.Sequential(cell)
+            self.dict = torch.nn.ModuleDict({"cell": cell})
+
+    torch.manual_seed(0)
+    model = Shared()
+    n_params = len(list(model.parameters()))
+    converted = fusedlayers.convert(model)
+    assert type(converted.a) is LSTM and converted.a is converted.b
+    assert type(converted.seq[0]) is LSTMCell and converted.seq[0] is converted.dict["cell"]
+    assert len(list(converted.parameters())) == n_params
+
+
 # ------------------------------------------------------------------------------------------------ hypothesis
 
 
@@ -884,24 +904,33 @@ def test_lstm_bad_input_raises_like_torch(case):
 
 
 # Packed input: torch's LSTM.forward does not call check_forward_args on a PackedSequence, so its errors come
-# from deep inside (an IndexError, or a matmul's RuntimeError); ours checks like the padded path, so for these two
-# inputs the exception type differs from torch's (a deliberate, documented divergence: ours is the informative one).
-def test_packed_bad_input_is_checked_like_padded_input():
+# from deep inside (an IndexError, or a matmul's RuntimeError); ours raise the same exception types, with
+# messages that name what is wrong.
+PACKED = lambda dtype=torch.float32: pack_padded_sequence(torch.randn(3, 2, 4, dtype=dtype), [3, 2])  # noqa: E731
+PACKED_BAD_INPUTS = [
+    # 2-D states with packed input: torch raises IndexError ("Dimension out of range").
+    ("hx_2d", IndexError, r"hx and cx should be 3-D but got \(2-D, 2-D\)", lambda m: m(PACKED(), (H0(2, 5), H0(2, 5)))),
+    ("cx_2d", IndexError, r"hx and cx should be 3-D but got \(3-D, 2-D\)",
+     lambda m: m(PACKED(), (H0(1, 2, 5), H0(2, 5)))),
+    ("hx_2d_unsorted", IndexError, r"should be 3-D but got \(2-D, 2-D\)",
+     lambda m: m(pack_padded_sequence(f32(3, 2, 4), [2, 3], enforce_sorted=False), (H0(2, 5), H0(2, 5)))),
+    ("hx_1d", IndexError, r"should be 3-D but got \(1-D, 1-D\)", lambda m: m(PACKED(), (H0(5), H0(5)))),
+    # Input dtype other than the weights': torch raises RuntimeError ("mat1 and mat2 must have the same dtype").
+    ("float64_input", RuntimeError, r"RNN input dtype \(torch.float64\) does not match weight dtype",
+     lambda m: m(PACKED(torch.float64))),
+    ("float64_input_and_states", RuntimeError, r"RNN input dtype \(torch.float64\) does not match weight dtype",
+     lambda m: m(PACKED(torch.float64), (H0(1, 2, 5).double(), H0(1, 2, 5).double()))),
+    ("bfloat16_input", RuntimeError, r"RNN input dtype \(torch.bfloat16\)", lambda m: m(PACKED(torch.bfloat16))),
+    ("int64_input", RuntimeError, r"RNN input dtype \(torch.int64\)",
+     lambda m: m(pack_padded_sequence(torch.ones(3, 2, 4, dtype=torch.long), [3, 2]))),
+]
+
+
+@pytest.mark.parametrize("case", PACKED_BAD_INPUTS, ids=[c[0] for c in PACKED_BAD_INPUTS])
+def test_packed_bad_input_raises_like_torch(case):
+    _, expected, match, call = case
     torch.manual_seed(0)
-    ref, ours = torch.nn.LSTM(4, 5), LSTM(4, 5)
-    x = pack_padded_sequence(f32(3, 2, 4), [3, 2])
-    # 2-D states with packed input: torch raises IndexError ("Dimension out of range") from permute/indexing.
-    with pytest.raises(IndexError):
-        ref(x, (H0(2, 5), H0(2, 5)))
-    with pytest.raises(RuntimeError, match=re.escape("Expected hidden[0] size (1, 2, 5), got [2, 5]")):
-        ours(x, (H0(2, 5), H0(2, 5)))
-    # float64 packed data into a float32 module: torch raises RuntimeError ("mat1 and mat2 must have the same
-    # dtype"); ours raises the ValueError torch itself raises for padded input.
-    x64 = pack_padded_sequence(f64(3, 2, 4), [3, 2])
-    with pytest.raises(RuntimeError, match="same dtype"):
-        ref(x64)
-    with pytest.raises(ValueError, match=r"RNN input dtype \(torch.float64\) does not match weight dtype"):
-        ours(x64)
+    raises_like_torch(expected, match, call, torch.nn.LSTM(4, 5), LSTM(4, 5))
 
 
 def test_float32_cx_with_float64_input_is_rejected():
@@ -1058,23 +1087,53 @@ def test_float16_module_like_torch(cls):
     assert_same_structure_and_values(ours(x), ref(x), dict(rtol=2e-3, atol=2e-3))
 
 
-@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16], ids=["f32_input", "bf16_input"])
-def test_cpu_autocast_like_torch(input_dtype):
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=["bf16_autocast", "f16_autocast"])
+@pytest.mark.parametrize("low_input", [False, True], ids=["f32_input", "low_input"])
+def test_cpu_autocast_like_torch(low_input, autocast_dtype):
     ref, ours = make_lstm_pair(INPUT_SIZE, HIDDEN, num_layers=2, dtype=torch.float32)
-    x = torch.randn(STEPS, BATCH, INPUT_SIZE).to(input_dtype)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(STEPS, BATCH, INPUT_SIZE)
+    x = x.to(autocast_dtype) if low_input else x
+    with torch.autocast("cpu", dtype=autocast_dtype):
         try:
             ref_out = ref(x)
         except RuntimeError as error:
-            # On CPUs without AVX512-BF16 (AMD Zen 3) oneDNN cannot build torch's bf16 LSTM primitive from a
-            # float32 input; autocast casts the input to bf16 first, so the bf16 input is the same reference.
+            # On CPUs without AVX512-BF16 (AMD Zen 3) or float16 support, oneDNN cannot build torch's low-precision
+            # LSTM primitive from a float32 input; autocast casts the input first, so the cast input is the same
+            # reference.
             if "primitive descriptor" not in str(error):
                 raise
-            ref_out = ref(x.to(torch.bfloat16))
+            ref_out = ref(x.to(autocast_dtype))
         our_out = ours(x)
     for a, b in zip(float_outputs(our_out), float_outputs(ref_out)):
-        assert a.dtype == b.dtype == torch.bfloat16
+        assert a.dtype == b.dtype == autocast_dtype
         torch.testing.assert_close(a.float(), b.float(), **BF16_TOL)
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=["bf16_autocast", "f16_autocast"])
+@pytest.mark.parametrize("low_input", [False, True], ids=["f32_input", "low_input"])
+@pytest.mark.parametrize("kind", ["cell", "packed"])
+def test_cpu_autocast_cell_and_packed_dtypes_like_torch(kind, low_input, autocast_dtype):
+    # torch autocasts neither its LSTM cell nor its packed LSTM: only their products run in the low precision, and
+    # the results take the dtype of the cell state promoted with it (float32 for a float32 state or model).
+    if kind == "cell":
+        ref, ours = make_cell_pair(INPUT_SIZE, HIDDEN, dtype=torch.float32)
+        x = torch.randn(BATCH, INPUT_SIZE)
+    else:
+        ref, ours = make_lstm_pair(INPUT_SIZE, HIDDEN, num_layers=2, dtype=torch.float32)
+        x = torch.randn(STEPS, BATCH, INPUT_SIZE)
+    x = x.to(autocast_dtype) if low_input else x
+    expected = autocast_dtype if low_input else torch.float32
+    for hx in (None, "f32"):
+        if kind == "cell":
+            args = (x,) if hx is None else (x, (torch.randn(BATCH, HIDDEN), torch.randn(BATCH, HIDDEN)))
+        else:
+            packed = pack_padded_sequence(x, [STEPS, STEPS - 1, 2])
+            args = (packed,) if hx is None else (packed, (torch.randn(2, BATCH, HIDDEN), torch.randn(2, BATCH, HIDDEN)))
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            ref_out, our_out = ref(*args), ours(*args)
+        for a, b in zip(float_outputs(our_out), float_outputs(ref_out)):
+            assert a.dtype == b.dtype == (torch.float32 if hx == "f32" else expected)
+            torch.testing.assert_close(a.float(), b.float(), **BF16_TOL)
 
 
 # Sizes where every product path of the float32 kernels is taken: inputs and hidden sizes above one K chunk (256)

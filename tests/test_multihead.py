@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 
 import pytest
 import torch
@@ -444,6 +445,28 @@ def test_functional_with_static_kv_matches_torch(separate):
         assert (a is None) == (b_ is None)
         if b_ is not None:
             torch.testing.assert_close(a, b_, **TOL[F64])
+
+
+@pytest.mark.parametrize("bad_k, bad_v, message", [
+    ((3, 5, 4), None, "expecting static_k.size(0) of 6, but got 3"),
+    ((6, 5, 3), None, "expecting static_k.size(2) of 4, but got 3"),
+    (None, (4, 5, 4), "expecting static_v.size(0) of 6, but got 4"),
+    (None, (6, 5, 2), "expecting static_v.size(2) of 4, but got 2"),
+    ((3, 5, 4), (4, 5, 4), "expecting static_k.size(0) of 6, but got 3"),
+], ids=["k_size0", "k_size2", "v_size0", "v_size2", "both"])
+def test_functional_wrong_static_kv_raises_like_torch(bad_k, bad_v, message):
+    torch.manual_seed(0)
+    n, hd = 3, E // H
+    q, k = _seq(4, n, E), _seq(5, n, E)
+    w, b = torch.randn(3 * E, E, dtype=F64), torch.randn(3 * E, dtype=F64)
+    ow, ob = torch.randn(E, E, dtype=F64), torch.randn(E, dtype=F64)
+    static_k = torch.randn(*(bad_k or (n * H, 5, hd)), dtype=F64)
+    static_v = torch.randn(*(bad_v or (n * H, 5, hd)), dtype=F64)
+    for fn in (torch.nn.functional.multi_head_attention_forward,
+               fusedlayers.functional.multi_head_attention_forward):
+        with pytest.raises(AssertionError, match=re.escape(message)):
+            fn(q, k, k, E, H, w, b, None, None, False, 0.0, ow, ob, need_weights=False, static_k=static_k,
+               static_v=static_v)
 
 
 def _bad_calls():

@@ -109,6 +109,27 @@ def test_linear_matches_torch_and_passes_checks(dtype, bias):
         assert torch.autograd.gradcheck(fusedlayers.functional.linear, args)
 
 
+@pytest.mark.parametrize("in_features, out_features, shape", [(0, 4, (3, 0)), (0, 4, (2, 3, 0)), (0, 4, (0,)),
+                                                              (5, 0, (3, 5))])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_zero_features_matches_torch(in_features, out_features, shape, bias):
+    # No input features: torch returns the bias broadcast (zeros without one); the bias gradient sums the rows.
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(in_features, out_features, bias=bias)
+    ours = fusedlayers.nn.Linear(in_features, out_features, bias=bias)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(*shape, requires_grad=True)
+    o1, o2 = ref(x), ours(x)
+    assert o2.shape == o1.shape
+    torch.testing.assert_close(o2, o1, rtol=0, atol=0)
+    g = torch.randn(o1.shape)
+    for g1, g2 in zip(torch.autograd.grad(o1, [x, *ref.parameters()], g),
+                      torch.autograd.grad(o2, [x, *ours.parameters()], g)):
+        torch.testing.assert_close(g2, g1, **TOL)
+    args = (x, ref.weight, ref.bias)
+    torch.testing.assert_close(fusedlayers.functional.linear(*args), torch.nn.functional.linear(*args))
+
+
 def test_linear_bad_input_and_fallbacks():
     layer = fusedlayers.nn.Linear(4, 3)
     with pytest.raises(RuntimeError, match=r"last dimension \(5\) must equal weight's in_features \(4\)"):

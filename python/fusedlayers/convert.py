@@ -74,10 +74,25 @@ def convert(model: torch.nn.Module) -> torch.nn.Module:
     `TransformerDecoderLayer` inside `model` (and `model` itself) by
     the fusedlayers equivalent, and returns the model. The new layers hold the very same parameter and buffer
     objects (an optimizer built before the conversion keeps working; frozen parameters stay frozen), submodules
-    and hooks."""
-    factory = _REPLACEMENTS.get(type(model))
+    and hooks. A module held under several names (in one parent or in several) is replaced once: every name
+    then holds the one new module, as every name held the old one."""
+    return _convert(model, {})
+
+
+def _convert(module: torch.nn.Module, done: dict[int, torch.nn.Module]) -> torch.nn.Module:
+    # done: id of each module seen -> what replaces it (itself if nothing does).
+    seen = done.get(id(module))
+    if seen is not None:
+        return seen
+    factory = _REPLACEMENTS.get(type(module))
     if factory is not None:
-        return factory(model)
-    for name, child in model.named_children():
-        setattr(model, name, convert(child))
-    return model
+        done[id(module)] = new = factory(module)
+        return new
+    done[id(module)] = module
+    # _modules, not named_children(), which yields a module held under two names only once.
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            new = _convert(child, done)
+            if new is not child:
+                setattr(module, name, new)
+    return module

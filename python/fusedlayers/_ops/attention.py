@@ -2,7 +2,7 @@
 
 import torch
 
-from ._common import block_double_backward
+from ._common import block_double_backward, register_autocast_current_dtype
 
 _backward_op = torch.ops.fusedlayers.sdpa_backward
 
@@ -53,5 +53,6 @@ torch.library.register_autograd("fusedlayers::sdpa", _backward, setup_context=_s
 block_double_backward("fusedlayers::sdpa_backward", "attention")
 
 
-# torch autocasts scaled_dot_product_attention to the lower precision on the CPU.
-torch.library.register_autocast("fusedlayers::sdpa", "cpu", torch.bfloat16)
+# torch autocasts scaled_dot_product_attention to the lower precision on the CPU: the autocast dtype in effect
+# (bfloat16 or float16), as torch does.
+register_autocast_current_dtype("fusedlayers::sdpa", "cpu")

@@ -2,7 +2,7 @@
 
 import torch
 
-from ._common import block_double_backward
+from ._common import block_double_backward, register_autocast_current_dtype
 
 _layer = torch.ops.fusedlayers.lstm_layer
 _layer_backward = torch.ops.fusedlayers.lstm_layer_backward
@@ -88,5 +88,16 @@ torch.library.register_autograd("fusedlayers::lstm_layer", _backward, setup_cont
 block_double_backward("fusedlayers::lstm_layer_backward", "LSTM")
 
 
-# Under torch.autocast on the CPU, torch.nn.LSTM runs in the lower precision: so does the fused layer.
-torch.library.register_autocast("fusedlayers::lstm_layer", "cpu", torch.bfloat16)
+def _run_autocast(op, args, dtype):
+    if dtype != torch.float16:
+        return op(*args)
+    # The kernels have no float16 type: float16 runs in float32 and returns float16 outputs, as
+    # functional.lstm_packed does; the saved state stays float32.
+    args = [a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.float16 else a for a in args]
+    out, h_n, c_n, *saved = op(*args)
+    return (out.half(), h_n.half(), c_n.half(), *saved)
+
+
+# Under torch.autocast on the CPU, torch.nn.LSTM runs in the lower precision (the autocast dtype in effect,
+# bfloat16 or float16): so does the fused layer.
+register_autocast_current_dtype("fusedlayers::lstm_layer", "cpu", run=_run_autocast)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -86,8 +87,8 @@ def _torch_fused_path_takes(query: Tensor, key: Tensor, value: Tensor, attn_mask
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
-                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-                                 enable_gqa: bool = False, *, window: tuple[int | None, int | None] | None = None
+                                 dropout_p: float = 0.0, is_causal: bool = False, *, scale: float | None = None,
+                                 enable_gqa: bool = False, window: tuple[int | None, int | None] | None = None
                                  ) -> Tensor:
     """Drop-in for `torch.nn.functional.scaled_dot_product_attention`, fused (the L x S score matrix is never
     stored; causal and banded masks skip the tiles they exclude).
@@ -97,12 +98,17 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     with is_causal, both apply where torch's fused CPU path takes them (else the same error as torch). is_causal is aligned as torch aligns it (query i sees keys 0..i). enable_gqa: key/value may have
     fewer heads (dim -3) than query, dividing them. dropout is drawn from torch's default generator.
 
+    scale, enable_gqa (and window) are keyword-only, as in torch.
+
     window=(left, right): an extra keyword: query i sees only keys i-left .. i+right (None = unbounded), as in
     Luong's local attention; tiles outside the band are skipped.
 
     Differs from torch where torch returns NaN: a query row that may attend to no key returns zeros, and its
     gradients are zero.
     """
+    # torch's argument parser takes a real number (or a 0-dim tensor) for scale.
+    if scale is not None and not (isinstance(scale, numbers.Real) or (isinstance(scale, Tensor) and scale.dim() == 0)):
+        raise TypeError(f"scaled_dot_product_attention(): argument 'scale' must be float, not {type(scale).__name__}")
     _check_inputs(query, key, value, attn_mask, dropout_p)
     if not isinstance(is_causal, bool):  # torch's argument parser takes only a bool
         raise TypeError(f"scaled_dot_product_attention(): argument 'is_causal' must be bool, not "

@@ -49,12 +49,41 @@ def _split_params(params, has_biases: bool, num_layers: int, num_directions: int
     return groups
 
 
+def _autocast_result_dtype(input: Tensor, c: Tensor) -> torch.dtype | None:
+    """Under CPU autocast, the dtype of torch's packed LSTM and LSTM cell results (None outside autocast).
+
+    torch lists neither among its autocast ops: only their matrix products run in the autocast dtype, and the
+    cell update promotes those gates with the cell state, so the results take promote(autocast dtype, c.dtype)
+    (float32 for a float32 state, as torch.nn.LSTMCell returns)."""
+    if input.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return None
+    return torch.promote_types(torch.get_autocast_dtype("cpu"), c.dtype)
+
+
+def _cast_optional(tensors, dtype: torch.dtype) -> list:
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
 def lstm_packed(data: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor, params, has_biases: bool,
                 num_layers: int, dropout: float, train: bool, bidirectional: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """A stack of LSTM layers over packed rows; see `lstm`. Returns (output rows, h_n, c_n)."""
+    """A stack of LSTM layers over packed rows; see `lstm`. Returns (output rows, h_n, c_n).
+
+    Under CPU autocast the results take torch's dtypes for a packed input (see `_autocast_result_dtype`)."""
+    dtype = _autocast_result_dtype(data, c0)
+    if dtype is not None:
+        with torch.autocast("cpu", enabled=False):
+            data, h0, c0 = _cast_optional((data, h0, c0), dtype)
+            return _lstm_packed(data, batch_sizes, h0, c0, _cast_optional(params, dtype), has_biases, num_layers,
+                                dropout, train, bidirectional)
+    return _lstm_packed(data, batch_sizes, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional)
+
+
+def _lstm_packed(data: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor, params, has_biases: bool,
+                 num_layers: int, dropout: float, train: bool, bidirectional: bool) -> tuple[Tensor, Tensor, Tensor]:
+    # Padded inputs (`lstm`) come here directly: torch autocasts its padded LSTM, as the lstm_layer op does.
     if data.dtype == torch.float16:  # the kernels' types are float32/64 and bfloat16: computed in float32
-        out, h_n, c_n = lstm_packed(data.float(), batch_sizes, h0.float(), c0.float(), [p.float() for p in params],
-                                    has_biases, num_layers, dropout, train, bidirectional)
+        out, h_n, c_n = _lstm_packed(data.float(), batch_sizes, h0.float(), c0.float(), [p.float() for p in params],
+                                     has_biases, num_layers, dropout, train, bidirectional)
         return out.half(), h_n.half(), c_n.half()
     num_directions = 2 if bidirectional else 1
     groups = _split_params(params, has_biases, num_layers, num_directions)
@@ -89,8 +118,8 @@ def lstm(input: Tensor, hx: tuple[Tensor, Tensor], params, has_biases: bool, num
     steps, batch = input.shape[0], input.shape[1]
     batch_sizes = _constant_batch_sizes(steps, batch)
     rows = input.contiguous().view(steps * batch, input.shape[2])
-    out, h_n, c_n = lstm_packed(rows, batch_sizes, hx[0], hx[1], params, has_biases, num_layers, dropout, train,
-                                bidirectional)
+    out, h_n, c_n = _lstm_packed(rows, batch_sizes, hx[0], hx[1], params, has_biases, num_layers, dropout, train,
+                                 bidirectional)
     out = out.view(steps, batch, out.shape[-1])
     if batch_first:
         out = out.transpose(0, 1)
@@ -115,7 +144,14 @@ def _constant_batch_sizes(steps: int, batch: int) -> Tensor:
 
 def lstm_cell(input: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
               b_hh: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One fused LSTM step, as torch's `_VF.lstm_cell`: input [B, I], hx = (h [B, H], c [B, H]) -> (h', c')."""
+    """One fused LSTM step, as torch's `_VF.lstm_cell`: input [B, I], hx = (h [B, H], c [B, H]) -> (h', c').
+
+    Under CPU autocast the results take torch's dtypes (see `_autocast_result_dtype`)."""
+    dtype = _autocast_result_dtype(input, hx[1])
+    if dtype is not None:
+        with torch.autocast("cpu", enabled=False):
+            input, h, c, w_ih, w_hh, b_ih, b_hh = _cast_optional((input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh), dtype)
+            return lstm_cell(input, (h, c), w_ih, w_hh, b_ih, b_hh)
     if input.dtype == torch.float16:  # computed in float32, as lstm_packed does
         h, c = lstm_cell(input.float(), (hx[0].float(), hx[1].float()), w_ih.float(), w_hh.float(),
                          None if b_ih is None else b_ih.float(), None if b_hh is None else b_hh.float())

@@ -116,6 +116,13 @@ def multi_head_attention_forward(query: Tensor, key: Tensor, value: Tensor, embe
     elif bias_k is not None or bias_v is not None:
         raise AssertionError("bias_k and bias_v must be given together")
 
+    for name, static in (("static_k", static_k), ("static_v", static_v)):  # torch's checks, type and wording
+        if static is not None:
+            if static.size(0) != bsz * num_heads:
+                raise AssertionError(f"expecting {name}.size(0) of {bsz * num_heads}, but got {static.size(0)}")
+            if static.size(2) != head_dim:
+                raise AssertionError(f"expecting {name}.size(2) of {head_dim}, but got {static.size(2)}")
+
     # [len, batch, embed] -> [batch, heads, len, head_dim]
     q = q.view(tgt_len, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
     k = (static_k.view(bsz, num_heads, -1, head_dim) if static_k is not None

@@ -107,6 +107,15 @@ class LSTM(torch.nn.RNNBase):
 
     def _forward_packed(self, packed: PackedSequence, hx, weights: list[Tensor]):
         data, batch_sizes, sorted_indices, unsorted_indices = packed
+        # torch checks nothing of a packed input before its kernel, whose errors are an IndexError for states
+        # that are not 3-D and a RuntimeError for an input dtype other than the weights': the same types here.
+        if hx is not None and (hx[0].dim() != 3 or hx[1].dim() != 3):
+            raise IndexError(f"For packed input, hx and cx should be 3-D but got ({hx[0].dim()}-D, "
+                             f"{hx[1].dim()}-D) tensors")
+        if data.dtype != weights[0].dtype and not torch._C._is_any_autocast_enabled():
+            raise RuntimeError(f"RNN input dtype ({data.dtype}) does not match weight dtype ({weights[0].dtype}). "
+                               f"Convert input: input.to({weights[0].dtype}), or convert model: "
+                               f"model.to({data.dtype})")
         if hx is None:
             hx = self._zero_state(int(batch_sizes[0]), data)
         else:
