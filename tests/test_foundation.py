@@ -85,7 +85,8 @@ for m, n, k in [(70, 33, 45), (130, 1024, 300), (256, 600, 1100)]:
 
 
 SHAPES = [(1, 1, 1), (3, 5, 7), (64, 64, 256), (65, 129, 513), (32, 2048, 40), (300, 17, 1), (7, 9, 0),
-          (40, 512, 64), (130, 1024, 300)]
+          (40, 512, 64), (130, 1024, 300),
+          (2100, 300, 257)]  # threaded: 9 row tiles share one copy of B (a partial last chunk and K panel)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
