@@ -518,13 +518,25 @@ def test_thread_counts(threads):
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        for bh in [(1, 1), (2, 4)]:
+        # (4, 8): enough heads for each thread to take whole heads and transpose their keys itself.
+        for bh in [(1, 1), (2, 4), (4, 8)]:
             q, k, v = qkv(*bh, 70, 300, 8)
             compare(q, k, v, is_causal=True)
             q, k, v = qkv(*bh, 3, 300, 8)
             compare(q, k, v, randn(3, 300, seed=5), mask_grad=True)
     finally:
         torch.set_num_threads(old)
+
+
+def test_many_heads_float32_with_grouped_heads_and_windows():
+    # Float32 with 64 query heads on 16 key/value heads: threads take whole heads and each transposes the keys
+    # of the heads it takes (shared by a group's query heads), with windows, causal and float masks.
+    q, k, v = qkv(2, 32, 140, 200, 16, dtype=F32, Hk=8)
+    compare(q, k, v, enable_gqa=True)
+    compare(q, k, v, is_causal=True, enable_gqa=True)
+    band = band_mask(140, 200, 30, 5)
+    compare(q, k, v, window=(30, 5), enable_gqa=True, ref_kw={"enable_gqa": True}, ref_mask=lambda m: band)
+    compare(q, k, v, randn(140, 200, dtype=F32, seed=3), enable_gqa=True)
 
 
 # ------------------------------------------------------------------------------------------------------ window
