@@ -790,8 +790,9 @@ def test_low_precision(dtype, tol, case):
     (1, 300, 64, 64, 4, False), (3, 70, 63, 63, 4, False), (130, 257, 64, 32, 2, False), (64, 128, 128, 128, 4, True),
     (100, 129, 16, 48, 1, True)])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_bf16_inputs_forward(L, S, E, Ev, Hk, causal, layout):
-    q, k, v = (t.to(torch.bfloat16) for t in qkv(2, 4, L, S, E, Ev, dtype=F32, seed=11, Hk=Hk))
+@pytest.mark.parametrize("B,H", [(2, 4), (4, 8)])  # 32 heads: each thread packs the heads it takes
+def test_bf16_inputs_forward(L, S, E, Ev, Hk, causal, layout, B, H):
+    q, k, v = (t.to(torch.bfloat16) for t in qkv(B, H, L, S, E, Ev, dtype=F32, seed=11, Hk=Hk * H // 4))
     if layout == "transposed":  # [B, L, H, E] storage viewed as [B, H, L, E]: rows H * E apart
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     kw = dict(is_causal=causal, enable_gqa=Hk != 4)

@@ -511,18 +511,19 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
   const int64_t S_padded = (S + kStripColumns - 1) / kStripColumns * kStripColumns;
   const int64_t kv_heads = s.batch * s.kv_heads;
   const int64_t key_floats = packed16 ? 0 : strips ? S_padded * E : E * ld_kt;
-  // With many heads, the plain path gives each thread whole heads and transposes a head's keys when its first item
-  // comes up, into a buffer of the thread's own: the copy stays in cache for the head's items instead of going
-  // to memory and back (a tenth of a forward at L = S = 128). With few heads, threads share a head's items, and
-  // the keys are transposed once, first.
+  // With many heads (and no strips), each thread takes whole heads and transposes a head's keys (bf16: packs its
+  // keys and values) when its first item comes up, into buffers of the thread's own: the copies stay in cache for
+  // the head's items instead of going to memory and back (a tenth of a forward at L = S = 128). With few heads,
+  // threads share a head's items, and every head is prepared once, first.
   const int64_t threads = num_threads();
-  const bool keys_per_thread = !packed16 && !strips && s.batch * s.q_heads >= 8 * threads;
+  const bool keys_per_thread = !strips && s.batch * s.q_heads >= 8 * threads;
   T* keys_t = keys_per_thread ? nullptr : workspace<T>(WorkspaceSlot::left, kv_heads * key_floats);
   T* value_strips = strips ? workspace<T>(WorkspaceSlot::product, kv_heads * S * Ev) : nullptr;
   const int64_t key_size16 = packed16 ? packed_b_bf16_size(E, S) : 0;
   const int64_t value_size16 = packed16 ? (S + kKeyTile - 1) / kKeyTile * kKeyTile * Ev : 0;
-  bf16* keys16 = packed16 ? workspace<bf16>(WorkspaceSlot::gates, kv_heads * key_size16) : nullptr;
-  bf16* values16 = packed16 ? workspace<bf16>(WorkspaceSlot::raw, kv_heads * value_size16) : nullptr;
+  const bool shared16 = packed16 && !keys_per_thread;
+  bf16* keys16 = shared16 ? workspace<bf16>(WorkspaceSlot::gates, kv_heads * key_size16) : nullptr;
+  bf16* values16 = shared16 ? workspace<bf16>(WorkspaceSlot::raw, kv_heads * value_size16) : nullptr;
   parallel_for(keys_per_thread ? 0 : kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t head = begin; head < end; ++head) {
       const int64_t b = head / s.kv_heads, kvh = head % s.kv_heads;
@@ -552,7 +553,9 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
   int64_t chunk = std::max(grain, items / (16 * threads));
   if (keys_per_thread) chunk = (chunk + q_tiles - 1) / q_tiles * q_tiles;  // whole heads
   parallel_for_dynamic(items, chunk, [&](int64_t begin, int64_t end) {
-    T* own_keys = keys_per_thread ? workspace<T>(WorkspaceSlot::left, key_floats) : nullptr;
+    T* own_keys = keys_per_thread && !packed16 ? workspace<T>(WorkspaceSlot::left, key_floats) : nullptr;
+    bf16* own_keys16 = keys_per_thread && packed16 ? workspace<bf16>(WorkspaceSlot::gates, key_size16) : nullptr;
+    bf16* own_values16 = keys_per_thread && packed16 ? workspace<bf16>(WorkspaceSlot::raw, value_size16) : nullptr;
     int64_t own_head = -1;
     std::vector<T> scores(kQueryTile * kKeyTile), acc(kQueryTile * Ev), q_scaled(packed16 ? 0 : kQueryTile * E);
     std::vector<T> row_max_v(kQueryTile), row_sum(kQueryTile);
@@ -568,18 +571,26 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
       }
       const int64_t kv_head = hd.batch * s.kv_heads + hd.kv_head;
       if (keys_per_thread && own_head != kv_head) {
-        fast_transpose(S, E, a.k + hd.batch * a.k_strides.batch + hd.kv_head * a.k_strides.head, a.k_strides.row,
-                       own_keys, ld_kt);
         own_head = kv_head;
+        if constexpr (std::is_same_v<T, float>)
+          if (packed16)
+            pack_head_bf16(S, E, Ev, a.k16 + hd.batch * a.k_strides.batch + hd.kv_head * a.k_strides.head,
+                           a.k_strides.row, a.v16 + hd.batch * a.v_strides.batch + hd.kv_head * a.v_strides.head,
+                           a.v_strides.row, own_keys16, own_values16);
+        if (!packed16)
+          fast_transpose(S, E, a.k + hd.batch * a.k_strides.batch + hd.kv_head * a.k_strides.head,
+                         a.k_strides.row, own_keys, ld_kt);
       }
       const T* k_t = keys_per_thread ? own_keys : keys_t + kv_head * key_floats;
+      const bf16* head_keys16 = keys_per_thread ? own_keys16 : keys16 + kv_head * key_size16;
+      const bf16* head_values16 = keys_per_thread ? own_values16 : values16 + kv_head * value_size16;
       // scores[n x cols] = the tile's queries [r0, r0 + n) times K^T for the keys [j0, j0 + cols); with strips,
       // up to the next strip of keys (zero keys past S: the extra columns are never read).
       const auto key_product = [&](int64_t r0, int64_t n, int64_t cols, int64_t j0, T* out) {
         if constexpr (std::is_same_v<T, float>) {
           if (packed16)
             return gemm_bf16(n, cols, E, a.q16 + q_offset + r0 * a.q_strides.row, a.q_strides.row,
-                             keys16 + kv_head * key_size16, S, j0, out, kKeyTile, false);
+                             head_keys16, S, j0, out, kKeyTile, false);
           if (strips)
             return strip_gemm(n, (cols + kStripColumns - 1) / kStripColumns * kStripColumns, E,
                               q_scaled.data() + r0 * E, E, k_t + j0 * E, out, kKeyTile, false);
@@ -640,7 +651,7 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
           if (packed16) {
             for (int64_t r = 0; r < rows; ++r)
               probs_to_bf16(scores.data() + r * kKeyTile, probs16.data() + r * kKeyTile, cols);
-            gemm_bf16(rows, Ev, cols, probs16.data(), kKeyTile, values16 + kv_head * value_size16 + j0 * Ev, Ev, 0,
+            gemm_bf16(rows, Ev, cols, probs16.data(), kKeyTile, head_values16 + j0 * Ev, Ev, 0,
                       acc.data(), Ev, true);
             continue;
           }
