@@ -539,6 +539,16 @@ def test_many_heads_float32_with_grouped_heads_and_windows():
     compare(q, k, v, randn(140, 200, dtype=F32, seed=3), enable_gqa=True)
 
 
+def test_value_rows_2kib_apart_float32():
+    # Values stored [B, S, H, Ev] with rows 512 floats (2 KiB) apart, as MultiheadAttention's packed projections
+    # give them for E = 512: threads that take whole heads copy such values into contiguous rows first.
+    q, k, _ = qkv(4, 4, 150, 200, 32, dtype=F32)
+    v = randn(4, 200, 4, 128, dtype=F32, seed=9).transpose(1, 2).detach().requires_grad_()
+    assert v.stride(2) == 512
+    compare(q, k, v)
+    compare(q, k, v, is_causal=True)
+
+
 # ------------------------------------------------------------------------------------------------------ window
 
 WINDOWS = [(0, 0), (1, 0), (3, 2), (0, 5), (None, 0), (0, None), (7, None), (None, 7), (None, None), (200, 0),

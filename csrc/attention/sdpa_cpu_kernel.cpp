@@ -554,6 +554,11 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
   if (keys_per_thread) chunk = (chunk + q_tiles - 1) / q_tiles * q_tiles;  // whole heads
   parallel_for_dynamic(items, chunk, [&](int64_t begin, int64_t end) {
     T* own_keys = keys_per_thread && !packed16 ? workspace<T>(WorkspaceSlot::left, key_floats) : nullptr;
+    // Values whose rows are a multiple of 2 KiB apart (the packed projections of MultiheadAttention: 3 E floats)
+    // are copied once per head into contiguous rows, where the GEMM would copy every tile of them again for each
+    // query tile (rows that far apart share L1 sets).
+    const bool copy_values = keys_per_thread && !packed16 && (a.v_strides.row * int64_t(sizeof(T))) % 2048 == 0;
+    T* own_values = copy_values ? workspace<T>(WorkspaceSlot::product, S * Ev) : nullptr;
     bf16* own_keys16 = keys_per_thread && packed16 ? workspace<bf16>(WorkspaceSlot::gates, key_size16) : nullptr;
     bf16* own_values16 = keys_per_thread && packed16 ? workspace<bf16>(WorkspaceSlot::raw, value_size16) : nullptr;
     int64_t own_head = -1;
@@ -580,6 +585,11 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
         if (!packed16)
           fast_transpose(S, E, a.k + hd.batch * a.k_strides.batch + hd.kv_head * a.k_strides.head,
                          a.k_strides.row, own_keys, ld_kt);
+        if (copy_values) {
+          const T* v_head = a.v + hd.batch * a.v_strides.batch + hd.kv_head * a.v_strides.head;
+          for (int64_t j = 0; j < S; ++j)
+            std::memcpy(own_values + j * Ev, v_head + j * a.v_strides.row, sizeof(T) * Ev);
+        }
       }
       const T* k_t = keys_per_thread ? own_keys : keys_t + kv_head * key_floats;
       const bf16* head_keys16 = keys_per_thread ? own_keys16 : keys16 + kv_head * key_size16;
@@ -597,7 +607,8 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
         }
         gemm(n, cols, E, q_scaled.data() + r0 * E, E, k_t + j0, ld_kt, out, kKeyTile, false);
       };
-      const T* v = a.v + hd.batch * a.v_strides.batch + hd.kv_head * a.v_strides.head;
+      const T* v = copy_values ? own_values : a.v + hd.batch * a.v_strides.batch + hd.kv_head * a.v_strides.head;
+      const int64_t v_row = copy_values ? Ev : a.v_strides.row;
       std::fill(acc.begin(), acc.begin() + rows * Ev, T(0));
       std::fill(row_max_v.begin(), row_max_v.end(), neg_inf<T>());
       std::fill(row_sum.begin(), row_sum.end(), T(0));
@@ -661,8 +672,7 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
             continue;
           }
         }
-        gemm(rows, Ev, cols, scores.data(), kKeyTile, v + j0 * a.v_strides.row, a.v_strides.row, acc.data(), Ev,
-             true);
+        gemm(rows, Ev, cols, scores.data(), kKeyTile, v + j0 * v_row, v_row, acc.data(), Ev, true);
       }
       T* out = a.out + (bh * L + i0) * Ev;
       T* lse = a.lse + 2 * (bh * L + i0);
