@@ -192,15 +192,23 @@ int64_t grain_for(int64_t items, int64_t flops_per_item) {
   return std::max<int64_t>(1, kMinFlopsPerThread / std::max<int64_t>(1, flops_per_item));
 }
 
-// Gate math on one block of `width` units of one row: pre-activations in, activations out (in place), the
-// cell state updated in place and copied to `cell_out`, the cell output written to `hidden_out`.
+// Gate math on one block of `width` units of one row: pre-activations (the products, plus `bias` unless null) in,
+// activations out (in place), the cell state updated in place and copied to `cell_out`, the cell output written
+// to `hidden_out`. The bias is added here, on values already in registers, rather than copied into every row of
+// gates before the input projection (a pass over all of them, and a product that must then accumulate).
 template <typename S, typename T>
-void block_forward(S* gates, int64_t width, S* cell_state, S* cell_out, T* hidden_out) {
+void block_forward(S* gates, const S* bias, int64_t width, S* cell_state, S* cell_out, T* hidden_out) {
   using V = Vectorized<S>;
   for (int64_t j = 0; j < width; j += V::size()) {
     const int64_t n = std::min<int64_t>(V::size(), width - j);
-    const V pre_i = V::loadu(gates + j, n), pre_f = V::loadu(gates + width + j, n);
-    const V pre_g = V::loadu(gates + 2 * width + j, n), pre_o = V::loadu(gates + 3 * width + j, n);
+    V pre_i = V::loadu(gates + j, n), pre_f = V::loadu(gates + width + j, n);
+    V pre_g = V::loadu(gates + 2 * width + j, n), pre_o = V::loadu(gates + 3 * width + j, n);
+    if (bias != nullptr) {
+      pre_i = pre_i + V::loadu(bias + j, n);
+      pre_f = pre_f + V::loadu(bias + width + j, n);
+      pre_g = pre_g + V::loadu(bias + 2 * width + j, n);
+      pre_o = pre_o + V::loadu(bias + 3 * width + j, n);
+    }
     const V c_prev = V::loadu(cell_state + j, n);
     V i, f, g, o, c, h;
     lstm_cell_forward_math(pre_i, pre_f, pre_g, pre_o, c_prev, i, f, g, o, c, h);
@@ -317,11 +325,8 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
         const int64_t block = item % blocks, base = columns.base(block), width = columns.width(block);
         int64_t r0, r1;
         split_range(chunk_rows, proj_chunks, item / blocks, r0, r1);
-        if (s.has_bias)
-          for (int64_t row = r0; row < r1; ++row)
-            std::memcpy(gates_chunk + row * LG + base, bias.data() + base, sizeof(S) * 4 * width);
         panel_gemm(columns, r1 - r0, 4 * width, I, a.input + (row_lo + r0) * I, I, w_ih_t + base * rows_i,
-                   gates_chunk + r0 * LG + base, LG, s.has_bias);
+                   gates_chunk + r0 * LG + base, LG, false);
       }
       barrier.wait(size);
 
@@ -345,6 +350,7 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
         for (int64_t item = item0; item < item1; ++item) {
           const int64_t block = item % blocks;
           const int64_t base = columns.base(block), width = columns.width(block), unit0 = block * kUnitBlock;
+          const S* gate_bias = s.has_bias ? bias.data() + base : nullptr;
           int64_t b0, b1;
           split_range(n, step_chunks, item / blocks, b0, b1);
           const int64_t split = std::clamp(ran_before, b0, b1);
@@ -358,9 +364,10 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
             S* cell_out = cells_t != nullptr ? cells_t + b * H + unit0 : nullptr;
             S* state = cell_state + b * H + unit0;
             if (s.has_proj)
-              block_forward(gates_t + b * LG + base, width, state, cell_out, raw_t + b * H + unit0);
+              block_forward(gates_t + b * LG + base, gate_bias, width, state, cell_out, raw_t + b * H + unit0);
             else
-              block_forward(gates_t + b * LG + base, width, state, cell_out, a.output + (row0 + b) * P + unit0);
+              block_forward(gates_t + b * LG + base, gate_bias, width, state, cell_out,
+                            a.output + (row0 + b) * P + unit0);
           }
         }
         if constexpr (std::is_same_v<S, T>) {  // (no projection in reduced precision: the op layer runs
