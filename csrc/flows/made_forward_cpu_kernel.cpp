@@ -311,14 +311,25 @@ void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accum
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t i = 0; i < D; ++i) scale[r * D + i] = params[r * 2 * D + 2 * i];
   affine_scales(scale, static_cast<T*>(nullptr), slope, rows * D, a.epsilon);
+  // In vector lanes (the division above all), the scale's gradient in place of its slope; then interleaved with
+  // the shift's gradient (dy) into dparams.
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  T* dx = grads[0].data();
   for (int64_t r = 0; r < rows; ++r) {
-    const T dl = a.grad_logabsdet[n0 + r];
+    const Vec dl(a.grad_logabsdet[n0 + r]);
+    const T* dy = a.grad_outputs + (n0 + r) * D;
+    const T* x = a.inputs + (n0 + r) * D;
+    T* dscale = slope + r * D;  // overwrites the slope it is computed from
+    for (int64_t i = 0; i < D; i += W) {
+      const int64_t w = std::min<int64_t>(W, D - i), e = r * D + i;
+      const Vec dyv = Vec::loadu(dy + i, w), sv = Vec::loadu(scale + e, w);
+      ((dyv * Vec::loadu(x + i, w) + dl / sv) * Vec::loadu(dscale + i, w)).store(dscale + i, w);
+      (Vec::loadu(dx + e, w) + dyv * sv).store(dx + e, w);
+    }
     for (int64_t i = 0; i < D; ++i) {
-      const int64_t e = r * D + i;
-      const T dy = a.grad_outputs[(n0 + r) * D + i], x = a.inputs[(n0 + r) * D + i];
-      dparams[r * 2 * D + 2 * i] = (dy * x + dl / scale[e]) * slope[e];
-      dparams[r * 2 * D + 2 * i + 1] = dy;
-      grads[0][e] += dy * scale[e];
+      dparams[r * 2 * D + 2 * i] = dscale[i];
+      dparams[r * 2 * D + 2 * i + 1] = dy[i];
     }
   }
   for (int64_t l = L - 1; l >= 0; --l) {
@@ -339,9 +350,8 @@ void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accum
         for (int64_t e = 0; e < rows * out; ++e) dz[e] *= made_activation_grad(act, pre[e]);
     }
     if (a.grad_context[l]) std::copy(dz, dz + rows * out, a.grad_context[l] + n0 * out);
-    if (y.bias)
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < out; ++c) acc.bias[l][c] += dz[r * out + c];
+    if (y.bias)  // through a plain pointer: indexing acc.bias[l] in the loop kept GCC from vectorising it
+      for (int64_t r = 0; r < rows; ++r) add_into(acc.bias[l].data(), dz + r * out, out);
     const T* src = buffer_rows<T>(a.layers, a.inputs, D, y.src, n0);
     // dWt[0:k, block] += input^T[0:k, :] dz[:, block]; dA[:, 0:k] += dz[:, block] W[block, 0:k].
     scratch.resize(3 * in * rows + kStripColumns * rows);
