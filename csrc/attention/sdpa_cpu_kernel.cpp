@@ -524,26 +524,29 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
   const bool shared16 = packed16 && !keys_per_thread;
   bf16* keys16 = shared16 ? workspace<bf16>(WorkspaceSlot::gates, kv_heads * key_size16) : nullptr;
   bf16* values16 = shared16 ? workspace<bf16>(WorkspaceSlot::raw, kv_heads * value_size16) : nullptr;
+  // One key/value head made ready for the products, into the given buffers: its keys transposed, or (strips)
+  // keys and values packed as strips, or (bf16) keys and values packed for the bf16 GEMM.
+  const auto prepare_head = [&](int64_t b, int64_t kvh, T* keys_out, T* value_strips_out, bf16* keys16_out,
+                                bf16* values16_out) {
+    if constexpr (std::is_same_v<T, float>)
+      if (packed16)
+        return pack_head_bf16(S, E, Ev, a.k16 + b * a.k_strides.batch + kvh * a.k_strides.head, a.k_strides.row,
+                              a.v16 + b * a.v_strides.batch + kvh * a.v_strides.head, a.v_strides.row, keys16_out,
+                              values16_out);
+    const T* k = a.k + b * a.k_strides.batch + kvh * a.k_strides.head;
+    if constexpr (std::is_same_v<T, float>)
+      if (strips) {
+        pack_key_strips(S, E, k, a.k_strides.row, keys_out);
+        return pack_value_strips(S, Ev, a.v + b * a.v_strides.batch + kvh * a.v_strides.head, a.v_strides.row,
+                                 value_strips_out);
+      }
+    fast_transpose(S, E, k, a.k_strides.row, keys_out, ld_kt);
+  };
   parallel_for(keys_per_thread ? 0 : kv_heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t head = begin; head < end; ++head) {
-      const int64_t b = head / s.kv_heads, kvh = head % s.kv_heads;
-      if constexpr (std::is_same_v<T, float>)
-        if (packed16) {
-          pack_head_bf16(S, E, Ev, a.k16 + b * a.k_strides.batch + kvh * a.k_strides.head, a.k_strides.row,
-                         a.v16 + b * a.v_strides.batch + kvh * a.v_strides.head, a.v_strides.row,
-                         keys16 + head * key_size16, values16 + head * value_size16);
-          continue;
-        }
-      const T* k = a.k + b * a.k_strides.batch + kvh * a.k_strides.head;
-      if constexpr (std::is_same_v<T, float>)
-        if (strips) {
-          pack_key_strips(S, E, k, a.k_strides.row, keys_t + head * key_floats);
-          pack_value_strips(S, Ev, a.v + b * a.v_strides.batch + kvh * a.v_strides.head, a.v_strides.row,
-                            value_strips + head * S * Ev);
-          continue;
-        }
-      fast_transpose(S, E, k, a.k_strides.row, keys_t + head * key_floats, ld_kt);
-    }
+    for (int64_t head = begin; head < end; ++head)
+      prepare_head(head / s.kv_heads, head % s.kv_heads, keys_t + head * key_floats,
+                   strips ? value_strips + head * S * Ev : nullptr, keys16 + head * key_size16,
+                   values16 + head * value_size16);
   });
   // The bf16 products take the scale on the float scores; the others on a scaled copy of the queries.
   const T score_scale = packed16 ? scale : T(1);
@@ -577,14 +580,7 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
       const int64_t kv_head = hd.batch * s.kv_heads + hd.kv_head;
       if (keys_per_thread && own_head != kv_head) {
         own_head = kv_head;
-        if constexpr (std::is_same_v<T, float>)
-          if (packed16)
-            pack_head_bf16(S, E, Ev, a.k16 + hd.batch * a.k_strides.batch + hd.kv_head * a.k_strides.head,
-                           a.k_strides.row, a.v16 + hd.batch * a.v_strides.batch + hd.kv_head * a.v_strides.head,
-                           a.v_strides.row, own_keys16, own_values16);
-        if (!packed16)
-          fast_transpose(S, E, a.k + hd.batch * a.k_strides.batch + hd.kv_head * a.k_strides.head,
-                         a.k_strides.row, own_keys, ld_kt);
+        prepare_head(hd.batch, hd.kv_head, own_keys, nullptr, own_keys16, own_values16);
         if (copy_values) {
           const T* v_head = a.v + hd.batch * a.v_strides.batch + hd.kv_head * a.v_strides.head;
           for (int64_t j = 0; j < S; ++j)

@@ -153,6 +153,20 @@ bool use_brgemm_bf16() {
   return ok;
 }
 
+// C[M x nb] (+)= A[M x kcb] panel[kcb x nb] on oneDNN's micro-kernel, in tiles of kTileM rows and kTileK of depth:
+// the loop that gemm runs over each panel of B, whether it copied the panel or not.
+void panel_rows_brgemm(int64_t M, int64_t nb, int64_t kcb, const float* A, int64_t lda, const float* panel,
+                       int64_t ld_panel, float* C, int64_t ldc, bool accumulate) {
+  for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
+    const int64_t mb = std::min(kTileM, M - m0);
+    for (int64_t k0 = 0; k0 < kcb; k0 += kTileK) {
+      const int64_t kb = std::min(kTileK, kcb - k0);
+      at::native::cpublas::brgemm(mb, nb, kb, lda, ld_panel, ldc, accumulate || k0 > 0, A + m0 * lda + k0,
+                                  panel + k0 * ld_panel, C + m0 * ldc, false);
+    }
+  }
+}
+
 }  // namespace
 
 const char* gemm_backend() {
@@ -190,14 +204,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
         panel = packed;
         ld_panel = nb;
       }
-      for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
-        const int64_t mb = std::min(kTileM, M - m0);
-        for (int64_t k0 = 0; k0 < kcb; k0 += kTileK) {
-          const int64_t kb = std::min(kTileK, kcb - k0);
-          at::native::cpublas::brgemm(mb, nb, kb, lda, ld_panel, ldc, accumulate || kc + k0 > 0,
-                                      A + m0 * lda + kc + k0, panel + k0 * ld_panel, C + m0 * ldc + n0, false);
-        }
-      }
+      panel_rows_brgemm(M, nb, kcb, A + kc, lda, panel, ld_panel, C + n0, ldc, accumulate || kc > 0);
     }
   }
 }
@@ -322,15 +329,8 @@ void gemm_packed_b(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
     const int64_t kcb = std::min(kPanelK, K - kc);
     for (int64_t n0 = 0; n0 < N; n0 += kTileN) {
       const int64_t nb = std::min(kTileN, N - n0);
-      const float* panel = B_chunks + n0 * K + kc * nb;
-      for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
-        const int64_t mb = std::min(kTileM, M - m0);
-        for (int64_t k0 = 0; k0 < kcb; k0 += kTileK) {
-          const int64_t kb = std::min(kTileK, kcb - k0);
-          at::native::cpublas::brgemm(mb, nb, kb, lda, nb, ldc, accumulate || kc + k0 > 0, A + m0 * lda + kc + k0,
-                                      panel + k0 * nb, C + m0 * ldc + n0, false);
-        }
-      }
+      panel_rows_brgemm(M, nb, kcb, A + kc, lda, B_chunks + n0 * K + kc * nb, nb, C + n0, ldc,
+                        accumulate || kc > 0);
     }
   }
 }

@@ -52,9 +52,6 @@ void activate(MadeActivation kind, const T* in, T* out, int64_t n) {
   for (; c < n; ++c) out[c] = made_activation(kind, in[c]);
 }
 
-// In place: unconstrained -> scale = softplus + epsilon; also, where asked, log(scale) and d scale / d unconstrained.
-// Vectorised, on the fast float exp and log of vec_math.h: with SLEEF's 1-ulp exp, log1p and log this took an
-// eighth of a MAF forward at hidden 256.
 // dst[e] = grad[e] where x[e] > 0 or x[e] is NaN (relu's gradient, NaN passing through as torch's does), else 0;
 // `add` adds that to dst instead. In vector lanes: GCC left this loop scalar with a branch per element, mispredicted
 // half the time at random signs, and it took a sixth of a MAF training step.
@@ -84,6 +81,9 @@ void add_into(T* dst, const T* src, int64_t n) {
   for (; e < n; ++e) dst[e] += src[e];
 }
 
+// In place: unconstrained -> scale = softplus + epsilon; also, where asked, log(scale) and d scale / d unconstrained.
+// Vectorised, on the fast float exp and log of vec_math.h: with SLEEF's 1-ulp exp, log1p and log this took an
+// eighth of a MAF forward at hidden 256.
 template <typename T>
 void affine_scales(T* values, T* log_scale, T* slope, int64_t n, T epsilon) {
   using Vec = at::vec::Vectorized<T>;
