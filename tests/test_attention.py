@@ -825,6 +825,62 @@ def test_bf16_inputs_dropout_same_mask_as_float32():
     assert_close(out16.float(), out32, atol=3e-2, rtol=3e-2)
 
 
+def _bf16_against_float(q, k, v, attn_mask=None, scale=None, is_causal=False):
+    # Against the formula in float64 (torch's own CPU kernel gives NaN for a negative scale with is_causal).
+    with torch.no_grad():
+        out = fl_sdpa(q, k, v, attn_mask=attn_mask, scale=scale, is_causal=is_causal)
+        q64, k64, v64 = (t.double() for t in (q, k, v))
+        scores = q64 @ k64.transpose(-1, -2) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+        if is_causal:
+            scores = scores.masked_fill(~torch.ones(scores.shape[-2:], dtype=torch.bool).tril(), -math.inf)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, -math.inf)
+        elif attn_mask is not None:
+            scores = scores + attn_mask.double()
+        weights = scores.softmax(-1)
+        ref = (weights.nan_to_num(0.0) if attn_mask is not None else weights) @ v64  # fully masked rows: zeros
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2, equal_nan=True)
+    return out
+
+
+@pytest.mark.parametrize("peak_key", [3, 127, 200, 300])
+def test_bf16_inputs_score_peak_after_the_first_keys(peak_key):
+    # The bf16 forward folds the scale into its one-pass exponentials; a key scoring far above the row's first
+    # scores must still send its tile to the two-pass redo, on the scaled scores.
+    q, k, v = qkv(2, 2, 24, 320, 16, dtype=F32, seed=7)
+    for gap in (10.0, 40.0, 100.0):
+        k2 = k.clone()
+        k2[0, :, peak_key] = q[0, :, 0] * gap * 4 / q[0, :, 0].square().sum(-1, keepdim=True)
+        _bf16_against_float(*(t.to(torch.bfloat16) for t in (q, k2, v)))
+        _bf16_against_float(*(t.to(torch.bfloat16) for t in (q, k2, v)), scale=0.05)
+
+
+@pytest.mark.parametrize("scale", [None, 2.0, -0.5, 0.0])
+def test_bf16_inputs_scales_and_masks(scale):
+    # The scale folds into the exponentials only where it is positive and no float mask is added to the scores;
+    # every other case scales the scores first. Rows with every key masked give zeros, as torch's do.
+    q, k, v = (t.to(torch.bfloat16) for t in qkv(2, 4, 40, 200, 32, dtype=F32, seed=3))
+    keep = torch.rand(40, 200, generator=torch.Generator().manual_seed(1)) > 0.3
+    keep[5] = False
+    keep[7, :150] = False  # live keys in the second key tile only
+    float_mask = torch.zeros(40, 200).masked_fill(~keep, -math.inf).to(torch.bfloat16)
+    _bf16_against_float(q, k, v, scale=scale)
+    _bf16_against_float(q, k, v, scale=scale, is_causal=True)
+    out = _bf16_against_float(q, k, v, attn_mask=keep, scale=scale)
+    assert (out[:, :, 5] == 0).all() if scale != 0.0 else True
+    _bf16_against_float(q, k, v, attn_mask=float_mask, scale=scale)
+
+
+def test_bf16_inputs_nan_reaches_its_rows():
+    q, k, v = (t.to(torch.bfloat16) for t in qkv(1, 2, 30, 150, 16, dtype=F32, seed=4))
+    q, k = q.clone(), k.clone()
+    q[0, 0, 3, 2] = math.nan
+    k[0, 1, 140, 0] = math.nan
+    out = _bf16_against_float(q, k, v)
+    assert out[0, 0, 3].isnan().all() and out[0, 1].isnan().all() and not out[0, 0, 4].isnan().any()
+
+
 @pytest.mark.parametrize("B,L,S", [(1, 5, 0), (1, 1, 0), (1, 0, 7), (0, 5, 7)])
 def test_bf16_inputs_empty(B, L, S):
     # An empty tensor has no data pointer: the bf16 path must not take that for "no bf16 inputs" (it crashed once).

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace fl::FL_ISA {
@@ -315,6 +316,66 @@ inline void probs_to_bf16(const float* src, bf16* dst, int64_t n) {
   at::vec::convert(src + c, dst + c, n - c);
 }
 
+// Partial row sums of the bf16 fast path below: a vector of lanes per row, reduced once per row at the end.
+constexpr int64_t kSumLanes = 16;
+
+// The common row step of a bf16 forward, in one pass: probs[c] = bf16(exp(row[c] * scale - shift)) from the
+// row's unscaled scores (the scale folded in here, not a pass of its own), the exponentials' sum added to
+// sum_lanes. Returns false, having changed nothing but probs, when some scaled score exceeds the shift by more
+// than kShiftSlack: the caller then redoes the tile the two-pass way. scale must be positive.
+inline bool exp_scaled_to_bf16(const float* row, int64_t n, float scale, float shift, bf16* probs,
+                               float* sum_lanes) {
+#if defined(FL_HAVE_AVX512)
+  const __m512 factor = _mm512_set1_ps(scale), minus_shift = _mm512_set1_ps(-shift);
+  const __m512 lowest = _mm512_set1_ps(-104.f), none = _mm512_set1_ps(neg_inf<float>());
+  __m512 sum = _mm512_setzero_ps(), top = none;
+  // No upper clamp: a lane past kShiftSlack sends the tile to the redo, whatever its exponential. The lower one
+  // gives masked (-inf) scores 0; a NaN passes both (max returns its second operand) and reaches the sum.
+  const auto exp_of = [&](__m512 x) {
+    const __m512 t = _mm512_fmadd_ps(x, factor, minus_shift);
+    top = _mm512_max_ps(top, t);
+    const __m512 e = exp_unclamped_avx512(_mm512_max_ps(lowest, t));
+    sum = _mm512_add_ps(sum, e);
+    return e;
+  };
+  int64_t c = 0;
+  for (; c + 32 <= n; c += 32) {
+    const __m512 e0 = exp_of(_mm512_loadu_ps(row + c)), e1 = exp_of(_mm512_loadu_ps(row + c + 16));
+    _mm512_storeu_si512(probs + c, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+  }
+  if (c < n) {  // the last 1..31 scores, as -inf past the end
+    const int64_t rest = n - c;
+    const __mmask16 low = rest >= 16 ? __mmask16(0xffff) : __mmask16((1u << rest) - 1);
+    const __mmask16 high = rest > 16 ? __mmask16((1u << (rest - 16)) - 1) : __mmask16(0);
+    const __m512 e0 = exp_of(_mm512_mask_loadu_ps(none, low, row + c));
+    const __m512 e1 = exp_of(_mm512_mask_loadu_ps(none, high, row + c + 16));
+    _mm512_mask_storeu_epi16(probs + c, __mmask32((1u << rest) - 1), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+  }
+  if (_mm512_cmp_ps_mask(top, _mm512_set1_ps(kShiftSlack), _CMP_GT_OQ) != 0) return false;
+  _mm512_storeu_ps(sum_lanes, _mm512_add_ps(_mm512_loadu_ps(sum_lanes), sum));
+  return true;
+#else
+  using V = Vectorized<float>;
+  float e[kKeyTile], top = neg_inf<float>(), sum = 0;
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) {
+    const V t = at::vec::fmadd(V::loadu(row + c), V(scale), V(-shift));
+    top = std::max(top, at::vec::vec_reduce_all<float>([](V& x, V& y) { return at::vec::maximum(x, y); }, t));
+    exp_(t).store(e + c);
+  }
+  for (; c < n; ++c) {
+    const float t = row[c] * scale - shift;
+    top = std::max(top, t);
+    e[c] = std::exp(t);
+  }
+  if (top > kShiftSlack) return false;
+  for (c = 0; c < n; ++c) sum += e[c];
+  at::vec::convert(e, probs, n);
+  sum_lanes[0] += sum;
+  return true;
+#endif
+}
+
 // Few queries against many keys (decoding): memory bound, so no GEMM and no transposed copy of the keys;
 // the keys are split among threads when there are fewer key/value heads than twice the threads, and the partial
 // softmaxes merged.
@@ -548,8 +609,11 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
                    strips ? value_strips + head * S * Ev : nullptr, keys16 + head * key_size16,
                    values16 + head * value_size16);
   });
-  // The bf16 products take the scale on the float scores; the others on a scaled copy of the queries.
+  // The bf16 products take the scale on the float scores; the others on a scaled copy of the queries. Without
+  // a float mask or dropout, a bf16 forward folds the scale into its exponentials (exp_scaled_to_bf16).
+  const bool fold_scale = packed16 && m.float_mask == nullptr && !dropout && scale > T(0);
   const T score_scale = packed16 ? scale : T(1);
+  const T tile_scale = fold_scale ? T(1) : score_scale;
 
   // Chunks of about a sixteenth of each thread's share, taken in turn (causal items differ in cost, and a busy
   // machine slows one thread more than another).
@@ -568,6 +632,13 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
     std::vector<T> scores(kQueryTile * kKeyTile), acc(kQueryTile * Ev), q_scaled(packed16 ? 0 : kQueryTile * E);
     std::vector<T> row_max_v(kQueryTile), row_sum(kQueryTile);
     std::vector<bf16> probs16(packed16 ? kQueryTile * kKeyTile : 0);
+    std::vector<float> sum_lanes(fold_scale ? kQueryTile * kSumLanes : 0);
+    // A row's sum of exponentials so far, its partial lanes included (and cleared).
+    const auto take_lanes = [&](int64_t r) {
+      if (!fold_scale) return;
+      float* lanes = sum_lanes.data() + r * kSumLanes;
+      for (int64_t k = 0; k < kSumLanes; ++k) row_sum[r] += std::exchange(lanes[k], 0.f);
+    };
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / q_tiles, i0 = (item % q_tiles) * kQueryTile;
       const int64_t rows = std::min(kQueryTile, L - i0);
@@ -608,6 +679,7 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
       std::fill(acc.begin(), acc.begin() + rows * Ev, T(0));
       std::fill(row_max_v.begin(), row_max_v.end(), neg_inf<T>());
       std::fill(row_sum.begin(), row_sum.end(), T(0));
+      std::fill(sum_lanes.begin(), sum_lanes.end(), 0.f);
 
       // Key tiles that some row of this tile may attend to (the structural masks skip the others).
       int64_t j_begin = S, j_end = 0;
@@ -620,7 +692,22 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
       for (int64_t j0 = (j_begin / kKeyTile) * kKeyTile; j0 < j_end; j0 += kKeyTile) {
         const int64_t cols = std::min(kKeyTile, S - j0);
         key_product(0, rows, cols, j0, scores.data());
-        finish_scores(scores.data(), kKeyTile, rows, cols, i0, j0, hd.batch, hd.q_head, s, m, score_scale);
+        finish_scores(scores.data(), kKeyTile, rows, cols, i0, j0, hd.batch, hd.q_head, s, m, tile_scale);
+        // The two-pass step of a row p of scaled scores: a new running maximum, the row's sum and output so far
+        // rescaled to it, p exponentiated relative to it.
+        const auto two_pass = [&](int64_t r, T* p) {
+          const T new_max = std::max(row_max_v[r], row_max(p, cols));
+          if (new_max == neg_inf<T>()) {  // nothing attended yet: the row stays empty
+            std::fill(p, p + cols, T(0));
+            return;
+          }
+          const T correction = std::exp(row_max_v[r] - new_max);  // 0 on the row's first live tile
+          row_sum[r] = row_sum[r] * correction + exp_shifted(p, cols, new_max);
+          row_max_v[r] = new_max;
+          if (correction != T(1)) scale_row(acc.data() + r * Ev, acc.data() + r * Ev, Ev, correction);
+          if (dropout)
+            apply_dropout(p, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
+        };
         for (int64_t r = 0; r < rows; ++r) {
           T* p = scores.data() + r * kKeyTile;
           // Exponentials in one pass (no separate max pass, no rescaling), relative to the row's running maximum
@@ -628,6 +715,27 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
           // the shift; only overflow does, so a tile whose maximum exceeds the shift by more than kShiftSlack is
           // recomputed the two-pass way. The shift is at most the row's maximum, so the sum is at least 1.
           const int64_t first_lanes = std::min<int64_t>(Vectorized<T>::size(), cols);
+          if constexpr (std::is_same_v<T, float>) {
+            if (fold_scale) {  // the same, from unscaled scores straight to bf16 probabilities
+              const float shift = row_max_v[r] != neg_inf<T>() ? row_max_v[r] : row_max(p, first_lanes) * scale;
+              bf16* probs = probs16.data() + r * kKeyTile;
+              if (shift != neg_inf<T>() &&
+                  exp_scaled_to_bf16(p, cols, scale, shift, probs, sum_lanes.data() + r * kSumLanes)) {
+                row_max_v[r] = shift;
+                continue;
+              }
+              if (shift != neg_inf<T>()) {
+                key_product(r, 1, cols, j0, p);
+                finish_scores(p, kKeyTile, 1, cols, i0 + r, j0, hd.batch, hd.q_head, s, m, score_scale);
+              } else {
+                scale_row(p, p, cols, scale);
+              }
+              take_lanes(r);
+              two_pass(r, p);
+              probs_to_bf16(p, probs, cols);
+              continue;
+            }
+          }
           const T shift = row_max_v[r] != neg_inf<T>() ? row_max_v[r] : row_max(p, first_lanes);
           if (shift != neg_inf<T>()) {
             T tile_max;
@@ -642,21 +750,11 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
             key_product(r, 1, cols, j0, p);
             finish_scores(p, kKeyTile, 1, cols, i0 + r, j0, hd.batch, hd.q_head, s, m, score_scale);
           }
-          const T new_max = std::max(row_max_v[r], row_max(p, cols));
-          if (new_max == neg_inf<T>()) {  // nothing attended yet: the row stays empty
-            std::fill(p, p + cols, T(0));
-            continue;
-          }
-          const T correction = std::exp(row_max_v[r] - new_max);  // 0 on the row's first live tile
-          row_sum[r] = row_sum[r] * correction + exp_shifted(p, cols, new_max);
-          row_max_v[r] = new_max;
-          if (correction != T(1)) scale_row(acc.data() + r * Ev, acc.data() + r * Ev, Ev, correction);
-          if (dropout)
-            apply_dropout(p, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
+          two_pass(r, p);
         }
         if constexpr (std::is_same_v<T, float>) {
           if (packed16) {
-            for (int64_t r = 0; r < rows; ++r)
+            for (int64_t r = 0; r < rows && !fold_scale; ++r)
               probs_to_bf16(scores.data() + r * kKeyTile, probs16.data() + r * kKeyTile, cols);
             gemm_bf16(rows, Ev, cols, probs16.data(), kKeyTile, head_values16 + j0 * Ev, Ev, 0,
                       acc.data(), Ev, true);
@@ -673,6 +771,7 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
       T* out = a.out + (bh * L + i0) * Ev;
       T* lse = a.lse + 2 * (bh * L + i0);
       for (int64_t r = 0; r < rows; ++r) {
+        take_lanes(r);
         const bool empty = row_sum[r] == T(0);
         const T inv = empty ? T(0) : T(1) / row_sum[r];
         scale_row(out + r * Ev, acc.data() + r * Ev, Ev, inv);

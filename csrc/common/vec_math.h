@@ -25,9 +25,9 @@ inline at::vec::Vectorized<T> tanh_(const at::vec::Vectorized<T>& x) { return x.
 // exp_u20 (20 ulp, flushes to 0 below -87.3) takes 21. The clamp's operand order keeps NaN: min/max return their
 // second operand when either is NaN.
 // Other ISAs: exp_u20, whose clamp would turn a NaN into a finite number, so NaNs are passed through explicitly.
-inline at::vec::Vectorized<float> exp_(const at::vec::Vectorized<float>& x) {
 #if defined(FL_HAVE_AVX512)
-  const __m512 v = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(89.f), __m512(x)));
+// The AVX-512 exp without its clamp: v must lie in [-104, 89] or be NaN.
+inline __m512 exp_unclamped_avx512(__m512 v) {
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504089f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);  // 0.693359375: ln 2 to 9 bits, n * it exact
@@ -37,6 +37,12 @@ inline at::vec::Vectorized<float> exp_(const at::vec::Vectorized<float>& x) {
                         1.f, 1.f})
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
   return _mm512_scalef_ps(p, n);
+}
+#endif
+inline at::vec::Vectorized<float> exp_(const at::vec::Vectorized<float>& x) {
+#if defined(FL_HAVE_AVX512)
+  return exp_unclamped_avx512(
+      _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(89.f), __m512(x))));
 #else
   return at::vec::Vectorized<float>::blendv(x.exp_u20(), x, x.isnan());
 #endif
