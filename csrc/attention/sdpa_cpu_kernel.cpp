@@ -316,15 +316,37 @@ inline void probs_to_bf16(const float* src, bf16* dst, int64_t n) {
   at::vec::convert(src + c, dst + c, n - c);
 }
 
-// Partial row sums of the bf16 fast path below: a vector of lanes per row, reduced once per row at the end.
+// Partial row sums of the one-pass row step below: a vector of lanes per row, reduced once per row at the end.
 constexpr int64_t kSumLanes = 16;
 
-// The common row step of a bf16 forward, in one pass: probs[c] = bf16(exp(row[c] * scale - shift)) from the
-// row's unscaled scores (the scale folded in here, not a pass of its own), the exponentials' sum added to
-// sum_lanes. Returns false, having changed nothing but probs, when some scaled score exceeds the shift by more
-// than kShiftSlack: the caller then redoes the tile the two-pass way. scale must be positive.
-inline bool exp_scaled_to_bf16(const float* row, int64_t n, float scale, float shift, bf16* probs,
-                               float* sum_lanes) {
+#if defined(FL_HAVE_AVX512)
+// Two vectors of exponentials to 32 outputs (n of them, at most 32, at out): bf16 (rounded to nearest even,
+// vcvtne2ps2bf16) or float.
+inline void store_pair(bf16* out, __m512 e0, __m512 e1, int64_t n) {
+  const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);
+  if (n == 32)
+    _mm512_storeu_si512(out, packed);
+  else
+    _mm512_mask_storeu_epi16(out, __mmask32((1u << n) - 1), packed);
+}
+inline void store_pair(float* out, __m512 e0, __m512 e1, int64_t n) {
+  if (n == 32) {
+    _mm512_storeu_ps(out, e0);
+    _mm512_storeu_ps(out + 16, e1);
+    return;
+  }
+  _mm512_mask_storeu_ps(out, n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1), e0);
+  if (n > 16) _mm512_mask_storeu_ps(out + 16, __mmask16((1u << (n - 16)) - 1), e1);
+}
+#endif
+
+// The common row step of a float or bf16 forward, in one pass: out[c] = exp(row[c] * scale - shift) (out may be
+// row; bf16 out: the probabilities for the bf16 P V product, with the scale folded in here instead of a pass of
+// its own), the exponentials' sum added to sum_lanes, no horizontal reduction. Returns false, having changed
+// nothing but out, when some scaled score exceeds the shift by more than kShiftSlack: the caller then redoes the
+// tile the two-pass way. scale must be positive.
+template <typename Out>
+bool exp_in_lanes(const float* row, int64_t n, float scale, float shift, Out* out, float* sum_lanes) {
 #if defined(FL_HAVE_AVX512)
   const __m512 factor = _mm512_set1_ps(scale), minus_shift = _mm512_set1_ps(-shift);
   const __m512 lowest = _mm512_set1_ps(-104.f), none = _mm512_set1_ps(neg_inf<float>());
@@ -341,7 +363,7 @@ inline bool exp_scaled_to_bf16(const float* row, int64_t n, float scale, float s
   int64_t c = 0;
   for (; c + 32 <= n; c += 32) {
     const __m512 e0 = exp_of(_mm512_loadu_ps(row + c)), e1 = exp_of(_mm512_loadu_ps(row + c + 16));
-    _mm512_storeu_si512(probs + c, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    store_pair(out + c, e0, e1, 32);
   }
   if (c < n) {  // the last 1..31 scores, as -inf past the end
     const int64_t rest = n - c;
@@ -349,7 +371,7 @@ inline bool exp_scaled_to_bf16(const float* row, int64_t n, float scale, float s
     const __mmask16 high = rest > 16 ? __mmask16((1u << (rest - 16)) - 1) : __mmask16(0);
     const __m512 e0 = exp_of(_mm512_mask_loadu_ps(none, low, row + c));
     const __m512 e1 = exp_of(_mm512_mask_loadu_ps(none, high, row + c + 16));
-    _mm512_mask_storeu_epi16(probs + c, __mmask32((1u << rest) - 1), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    store_pair(out + c, e0, e1, rest);
   }
   if (_mm512_cmp_ps_mask(top, _mm512_set1_ps(kShiftSlack), _CMP_GT_OQ) != 0) return false;
   _mm512_storeu_ps(sum_lanes, _mm512_add_ps(_mm512_loadu_ps(sum_lanes), sum));
@@ -370,7 +392,10 @@ inline bool exp_scaled_to_bf16(const float* row, int64_t n, float scale, float s
   }
   if (top > kShiftSlack) return false;
   for (c = 0; c < n; ++c) sum += e[c];
-  at::vec::convert(e, probs, n);
+  if constexpr (std::is_same_v<Out, float>)
+    std::copy(e, e + n, out);
+  else
+    at::vec::convert(e, out, n);
   sum_lanes[0] += sum;
   return true;
 #endif
@@ -610,7 +635,7 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
                    values16 + head * value_size16);
   });
   // The bf16 products take the scale on the float scores; the others on a scaled copy of the queries. Without
-  // a float mask or dropout, a bf16 forward folds the scale into its exponentials (exp_scaled_to_bf16).
+  // a float mask or dropout, a bf16 forward folds the scale into its exponentials (exp_in_lanes).
   const bool fold_scale = packed16 && m.float_mask == nullptr && !dropout && scale > T(0);
   const T score_scale = packed16 ? scale : T(1);
   const T tile_scale = fold_scale ? T(1) : score_scale;
@@ -632,10 +657,11 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
     std::vector<T> scores(kQueryTile * kKeyTile), acc(kQueryTile * Ev), q_scaled(packed16 ? 0 : kQueryTile * E);
     std::vector<T> row_max_v(kQueryTile), row_sum(kQueryTile);
     std::vector<bf16> probs16(packed16 ? kQueryTile * kKeyTile : 0);
-    std::vector<float> sum_lanes(fold_scale ? kQueryTile * kSumLanes : 0);
+    constexpr bool in_lanes = std::is_same_v<T, float>;  // float forwards take the one-pass row step in lanes
+    std::vector<float> sum_lanes(in_lanes ? kQueryTile * kSumLanes : 0);
     // A row's sum of exponentials so far, its partial lanes included (and cleared).
     const auto take_lanes = [&](int64_t r) {
-      if (!fold_scale) return;
+      if (!in_lanes) return;
       float* lanes = sum_lanes.data() + r * kSumLanes;
       for (int64_t k = 0; k < kSumLanes; ++k) row_sum[r] += std::exchange(lanes[k], 0.f);
     };
@@ -715,26 +741,29 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
           // the shift; only overflow does, so a tile whose maximum exceeds the shift by more than kShiftSlack is
           // recomputed the two-pass way. The shift is at most the row's maximum, so the sum is at least 1.
           const int64_t first_lanes = std::min<int64_t>(Vectorized<T>::size(), cols);
-          if constexpr (std::is_same_v<T, float>) {
-            if (fold_scale) {  // the same, from unscaled scores straight to bf16 probabilities
-              const float shift = row_max_v[r] != neg_inf<T>() ? row_max_v[r] : row_max(p, first_lanes) * scale;
-              bf16* probs = probs16.data() + r * kKeyTile;
-              if (shift != neg_inf<T>() &&
-                  exp_scaled_to_bf16(p, cols, scale, shift, probs, sum_lanes.data() + r * kSumLanes)) {
+          if constexpr (in_lanes) {
+            // fold_scale: from unscaled scores straight to bf16 probabilities; otherwise in place.
+            const float factor = fold_scale ? scale : 1.f;
+            const float shift = row_max_v[r] != neg_inf<T>() ? row_max_v[r] : row_max(p, first_lanes) * factor;
+            bf16* probs = probs16.data() + r * kKeyTile;
+            float* lanes = sum_lanes.data() + r * kSumLanes;
+            if (shift != neg_inf<T>()) {
+              if (fold_scale ? exp_in_lanes(p, cols, factor, shift, probs, lanes)
+                             : exp_in_lanes(p, cols, 1.f, shift, p, lanes)) {
                 row_max_v[r] = shift;
+                if (dropout)
+                  apply_dropout(p, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
                 continue;
               }
-              if (shift != neg_inf<T>()) {
-                key_product(r, 1, cols, j0, p);
-                finish_scores(p, kKeyTile, 1, cols, i0 + r, j0, hd.batch, hd.q_head, s, m, score_scale);
-              } else {
-                scale_row(p, p, cols, scale);
-              }
-              take_lanes(r);
-              two_pass(r, p);
-              probs_to_bf16(p, probs, cols);
-              continue;
+              key_product(r, 1, cols, j0, p);
+              finish_scores(p, kKeyTile, 1, cols, i0 + r, j0, hd.batch, hd.q_head, s, m, score_scale);
+            } else if (fold_scale) {
+              scale_row(p, p, cols, scale);
             }
+            take_lanes(r);
+            two_pass(r, p);
+            if (fold_scale) probs_to_bf16(p, probs, cols);
+            continue;
           }
           const T shift = row_max_v[r] != neg_inf<T>() ? row_max_v[r] : row_max(p, first_lanes);
           if (shift != neg_inf<T>()) {
