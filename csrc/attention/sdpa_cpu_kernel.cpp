@@ -481,7 +481,8 @@ void decode_impl(const SdpaForwardArgs<T>& a, const In* q_in, const In* k_in, co
       const int64_t bh = hr / L, i = hr % L;
       T best = neg_inf<T>();
       for (int64_t split = 0; split < splits; ++split) best = std::max(best, part_max[(bh * splits + split) * L + i]);
-      T* out = a.out + hr * Ev;
+      std::vector<T> row16(a.out16 != nullptr ? Ev : 0);  // the row before its rounding to bf16
+      T* out = a.out16 != nullptr ? row16.data() : a.out + hr * Ev;
       std::fill(out, out + Ev, T(0));
       T total = 0;
       if (best != neg_inf<T>()) {
@@ -495,6 +496,7 @@ void decode_impl(const SdpaForwardArgs<T>& a, const In* q_in, const In* k_in, co
       }
       const T inv = total > T(0) ? T(1) / total : T(0);
       for (int64_t c = 0; c < Ev; ++c) out[c] *= inv;
+      if (a.out16 != nullptr) at::vec::convert(out, a.out16 + hr * Ev, Ev);
       a.lse[2 * hr] = total > T(0) ? best : neg_inf<T>();
       a.lse[2 * hr + 1] = total > T(0) ? std::log(total) : T(0);
     }
@@ -797,13 +799,18 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
         }
         gemm(rows, Ev, cols, scores.data(), kKeyTile, v + j0 * v_row, v_row, acc.data(), Ev, true);
       }
-      T* out = a.out + (bh * L + i0) * Ev;
       T* lse = a.lse + 2 * (bh * L + i0);
       for (int64_t r = 0; r < rows; ++r) {
         take_lanes(r);
         const bool empty = row_sum[r] == T(0);
         const T inv = empty ? T(0) : T(1) / row_sum[r];
-        scale_row(out + r * Ev, acc.data() + r * Ev, Ev, inv);
+        const int64_t out_row = (bh * L + i0 + r) * Ev;
+        if (a.out16 != nullptr) {
+          scale_row(acc.data() + r * Ev, acc.data() + r * Ev, Ev, inv);
+          at::vec::convert(acc.data() + r * Ev, a.out16 + out_row, Ev);
+        } else {
+          scale_row(a.out + out_row, acc.data() + r * Ev, Ev, inv);
+        }
         lse[2 * r] = empty ? neg_inf<T>() : row_max_v[r];
         lse[2 * r + 1] = empty ? T(0) : std::log(row_sum[r]);
       }

@@ -55,6 +55,7 @@ struct SdpaForwardArgs : SdpaInputs<T> {
   const c10::BFloat16* k16 = nullptr;
   const c10::BFloat16* v16 = nullptr;
   T* out = nullptr;  // [batch, q_heads, q_len, v_dim], contiguous
+  c10::BFloat16* out16 = nullptr;  // optional, in place of out: the output rounded to bf16 as it is written
   // [batch, q_heads, q_len, 2]: each row's score maximum and the log of its sum of exp(score - maximum), kept
   // apart so the backward can rebuild probabilities exactly (maximum -inf: the row attends to nothing).
   T* lse = nullptr;

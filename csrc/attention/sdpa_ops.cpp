@@ -133,7 +133,9 @@ std::tuple<Tensor, Tensor> sdpa_cpu(const Tensor& query, const Tensor& key, cons
   Prepared p = prepare(query, key, value, attn_mask, dropout_p, window_left, window_right, !bf16_products);
   const SdpaSizes& s = p.sizes;
   const auto ct = compute_type(query.scalar_type());
-  Tensor out = at::empty({s.batch, s.q_heads, s.q_len, s.v_dim}, p.q.options().dtype(ct));
+  // bf16 products write a bf16 output directly (no float copy to round afterwards).
+  Tensor out = at::empty({s.batch, s.q_heads, s.q_len, s.v_dim},
+                         p.q.options().dtype(bf16_products ? at::kBFloat16 : ct));
   Tensor lse = at::empty({s.batch, s.q_heads, s.q_len, 2}, p.q.options().dtype(ct));
   AT_DISPATCH_FLOATING_TYPES(ct, "sdpa_forward", [&] {
     SdpaForwardArgs<scalar_t> a;
@@ -144,8 +146,9 @@ std::tuple<Tensor, Tensor> sdpa_cpu(const Tensor& query, const Tensor& key, cons
         a.q16 = reinterpret_cast<const c10::BFloat16*>(p.q.const_data_ptr());
         a.k16 = reinterpret_cast<const c10::BFloat16*>(p.k.const_data_ptr());
         a.v16 = reinterpret_cast<const c10::BFloat16*>(p.v.const_data_ptr());
+        a.out16 = reinterpret_cast<c10::BFloat16*>(out.data_ptr());
       }
-    a.out = out.data_ptr<scalar_t>();
+    if (!bf16_products) a.out = out.data_ptr<scalar_t>();
     a.lse = lse.data_ptr<scalar_t>();
     FL_DISPATCH_ISA(sdpa_forward, a);
   });
