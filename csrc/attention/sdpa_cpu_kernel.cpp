@@ -73,6 +73,9 @@ void finish_scores(T* scores, int64_t ld, int64_t rows, int64_t cols, int64_t i0
                    int64_t h, const SdpaSizes& s, const SdpaMasking& m, T scale) {
   using V = Vectorized<T>;
   const T* float_mask = static_cast<const T*>(m.float_mask);
+  if (scale == T(1) && float_mask == nullptr && m.bool_mask == nullptr && !m.causal && m.window_left < 0 &&
+      m.window_right < 0)
+    return;  // nothing to do (the loop's per-row bookkeeping cost a percent of a bf16 forward)
   const Strides4& ms = m.mask_strides;
   for (int64_t r = 0; r < rows; ++r) {
     T* row = scores + r * ld;
@@ -301,19 +304,26 @@ bool bf16_inputs(const SdpaForwardArgs<T>& a) {
     return false;
 }
 
-// A row of probabilities to bf16 (round to nearest even) for the bf16 P V product. AVX-512 builds use
-// vcvtne2ps2bf16, one instruction per 32 values where torch's convert emulates the rounding in about ten: the
-// bf16 products run only where the CPU has AVX512-BF16 (gemm_bf16_native). It reads a denormal as zero, which for
-// a probability below 1.2e-38 changes nothing.
-inline void probs_to_bf16(const float* src, bf16* dst, int64_t n) {
+// dst = bf16(src * factor) (round to nearest even): a row of probabilities for the bf16 P V product, or of the
+// output. AVX-512 builds use vcvtne2ps2bf16, one instruction per 32 values where torch's convert emulates the
+// rounding in about ten: the bf16 products run only where the CPU has AVX512-BF16 (gemm_bf16_native). It reads a
+// denormal as zero, which changes a probability or an output below 1.2e-38 by less than that.
+inline void to_bf16(const float* src, bf16* dst, int64_t n, float factor = 1.f) {
   int64_t c = 0;
 #if defined(FL_HAVE_AVX512)
+  const __m512 f = _mm512_set1_ps(factor);
   for (; c + 32 <= n; c += 32) {
-    const __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + c + 16), _mm512_loadu_ps(src + c));
-    _mm512_storeu_si512(dst + c, (__m512i)packed);
+    const __m512 low = _mm512_mul_ps(_mm512_loadu_ps(src + c), f);
+    const __m512 high = _mm512_mul_ps(_mm512_loadu_ps(src + c + 16), f);
+    _mm512_storeu_si512(dst + c, (__m512i)_mm512_cvtne2ps_pbh(high, low));
   }
 #endif
-  at::vec::convert(src + c, dst + c, n - c);
+  float rest[32];
+  for (; c < n; c += 32) {
+    const int64_t count = std::min<int64_t>(32, n - c);
+    for (int64_t i = 0; i < count; ++i) rest[i] = src[c + i] * factor;
+    at::vec::convert(rest, dst + c, count);
+  }
 }
 
 // Partial row sums of the one-pass row step below: a vector of lanes per row, reduced once per row at the end.
@@ -764,7 +774,7 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
             }
             take_lanes(r);
             two_pass(r, p);
-            if (fold_scale) probs_to_bf16(p, probs, cols);
+            if (fold_scale) to_bf16(p, probs, cols);
             continue;
           }
           const T shift = row_max_v[r] != neg_inf<T>() ? row_max_v[r] : row_max(p, first_lanes);
@@ -786,7 +796,7 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
         if constexpr (std::is_same_v<T, float>) {
           if (packed16) {
             for (int64_t r = 0; r < rows && !fold_scale; ++r)
-              probs_to_bf16(scores.data() + r * kKeyTile, probs16.data() + r * kKeyTile, cols);
+              to_bf16(scores.data() + r * kKeyTile, probs16.data() + r * kKeyTile, cols);
             gemm_bf16(rows, Ev, cols, probs16.data(), kKeyTile, head_values16 + j0 * Ev, Ev, 0,
                       acc.data(), Ev, true);
             continue;
@@ -805,12 +815,9 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
         const bool empty = row_sum[r] == T(0);
         const T inv = empty ? T(0) : T(1) / row_sum[r];
         const int64_t out_row = (bh * L + i0 + r) * Ev;
-        if (a.out16 != nullptr) {
-          scale_row(acc.data() + r * Ev, acc.data() + r * Ev, Ev, inv);
-          at::vec::convert(acc.data() + r * Ev, a.out16 + out_row, Ev);
-        } else {
-          scale_row(a.out + out_row, acc.data() + r * Ev, Ev, inv);
-        }
+        if constexpr (std::is_same_v<T, float>)
+          if (a.out16 != nullptr) to_bf16(acc.data() + r * Ev, a.out16 + out_row, Ev, inv);
+        if (a.out != nullptr) scale_row(a.out + out_row, acc.data() + r * Ev, Ev, inv);
         lse[2 * r] = empty ? neg_inf<T>() : row_max_v[r];
         lse[2 * r + 1] = empty ? T(0) : std::log(row_sum[r]);
       }
