@@ -603,17 +603,16 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
   // Gradients that sum over all steps, as large GEMMs.
   gemm_parallel(N, I, G4, grad_gates, LG, w_ih_p, LI, a.grad_input, I, false);
 
-  // Transposed operands [features x N], rows padded (see padded_stride).
+  // dW_ih and dW_hh as one product: [X^T; H_prev^T] ([I + P] x N, rows padded: see padded_stride) times the
+  // gate gradients, which are then read once, in one GEMM with more rows to share each panel of them.
   const int64_t LN = padded_stride<T>(N);
-  T* left = workspace<T>(WorkspaceSlot::left, std::max(I, P) * LN);
-  T* product = workspace<T>(WorkspaceSlot::product, std::max(I, P) * G4);
+  T* left = workspace<T>(WorkspaceSlot::left, (I + P) * LN);
+  T* product = workspace<T>(WorkspaceSlot::product, (I + P) * G4);
   transpose_parallel(N, I, a.input, I, left, LN);
-  gemm_parallel(I, G4, N, left, LN, grad_gates, LG, product, G4, false);
+  transpose_previous_hidden(a, steps, left + I * LN, LN);
+  gemm_parallel(I + P, G4, N, left, LN, grad_gates, LG, product, G4, false);
   unpack_transposed(G4, I, product, perm, a.grad_w_ih);
-
-  transpose_previous_hidden(a, steps, left, LN);
-  gemm_parallel(P, G4, N, left, LN, grad_gates, LG, product, G4, false);
-  unpack_transposed(G4, P, product, perm, a.grad_w_hh);
+  unpack_transposed(G4, P, product + I * G4, perm, a.grad_w_hh);
   if (s.has_proj) {
     transpose_parallel(N, P, grad_out_all, P, left, LN);
     gemm_parallel(P, H, N, left, LN, a.raw_hidden, H, a.grad_w_hr, H, false);
