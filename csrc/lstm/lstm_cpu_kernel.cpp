@@ -26,9 +26,7 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kUnitBlock = 32;
-// Below this many FLOPs a parallel phase runs on one thread: waking the other costs more than it saves.
-constexpr int64_t kMinFlopsPerThread = 1 << 19;
-// A forward step of fewer FLOPs than this runs on one thread: the barrier between steps costs more than it saves.
+// A step of fewer FLOPs than this runs on one thread: the barrier between steps costs more than it saves.
 constexpr int64_t kMinTeamStepFlops = 1 << 16;
 // Rows of input projection computed ahead of the recurrence: large enough for an efficient GEMM, small enough
 // for its output to stay in L2/L3 until the steps consume it.
@@ -187,11 +185,6 @@ int64_t row_chunks_for(int64_t blocks, int64_t rows, int64_t threads = num_threa
   return std::max<int64_t>(1, std::min((threads + blocks - 1) / blocks, rows / 8));
 }
 
-int64_t grain_for(int64_t items, int64_t flops_per_item) {
-  (void)items;
-  return std::max<int64_t>(1, kMinFlopsPerThread / std::max<int64_t>(1, flops_per_item));
-}
-
 // Gate math on one block of `width` units of one row: pre-activations (the products, plus `bias` unless null) in,
 // activations out (in place), the cell state updated in place and copied to `cell_out`, the cell output written
 // to `hidden_out`. The bias is added here, on values already in registers, rather than copied into every row of
@@ -230,18 +223,22 @@ void block_forward(S* gates, const S* bias, int64_t width, S* cell_state, S* cel
 
 // Backward of block_forward: reads the activations in `gates` and writes the pre-activation gradients to
 // `grad_gates` (the same layout); the cell gradient is updated in place (from dL/dc_t to dL/dc_{t-1}). The
+// cell output's gradient is grad_hidden, plus grad_output unless it is null (the layer output's gradient, added
+// here rather than in a pass of its own). The
 // gradients are also added to `bias_grad` (same layout) unless it is null: the bias gradient sums them over all
 // rows, and here they are still in registers (a pass over all of them after the loop took 2 ms of a 160 ms step).
 template <typename T>
-void block_backward(const T* gates, T* grad_gates, int64_t width, const T* grad_hidden, T* grad_cell, const T* cell,
-                    const T* cell_prev, T* bias_grad) {
+void block_backward(const T* gates, T* grad_gates, int64_t width, const T* grad_hidden, const T* grad_output,
+                    T* grad_cell, const T* cell, const T* cell_prev, T* bias_grad) {
   using V = Vectorized<T>;
   for (int64_t j = 0; j < width; j += V::size()) {
     const int64_t n = std::min<int64_t>(V::size(), width - j);
     const V i = V::loadu(gates + j, n), f = V::loadu(gates + width + j, n);
     const V g = V::loadu(gates + 2 * width + j, n), o = V::loadu(gates + 3 * width + j, n);
     V di, df, dg, do_, dc_prev;
-    lstm_cell_backward_math(V::loadu(grad_hidden + j, n), V::loadu(grad_cell + j, n), i, f, g, o,
+    V dh = V::loadu(grad_hidden + j, n);
+    if (grad_output != nullptr) dh = dh + V::loadu(grad_output + j, n);
+    lstm_cell_backward_math(dh, V::loadu(grad_cell + j, n), i, f, g, o,
                             V::loadu(cell + j, n), V::loadu(cell_prev + j, n), di, df, dg, do_, dc_prev);
     di.store(grad_gates + j, n);
     df.store(grad_gates + width + j, n);
@@ -527,39 +524,50 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
   const int64_t blocks = columns.blocks();
   // The bias gradient, summed as the gate gradients are made: a [G4] sum per row chunk of the gate step (each
   // (block, chunk) item of a step is one thread's, and a step has at most as many chunks as the widest step).
-  std::vector<T> bias_parts(a.grad_bias != nullptr ? row_chunks_for(blocks, s.batch) * G4 : 0, T(0));
+  std::vector<T> bias_parts(a.grad_bias != nullptr ? row_chunks_for(blocks, s.batch, num_threads()) * G4 : 0, T(0));
 
-  for (int64_t step = 0; step < s.steps; ++step) {
-    const int64_t t = s.reverse ? step : s.steps - 1 - step;
-    const int64_t n = steps.batch[t], row0 = steps.offset[t];
-    const int64_t tp = s.reverse ? t + 1 : t - 1;
-    const bool has_prev = tp >= 0 && tp < s.steps;
-    const int64_t n_prev = has_prev ? steps.batch[tp] : 0;
+  // One parallel region for the whole loop, as in the forward: the team shares each phase of a step and meets
+  // at a barrier between phases (two regions per step cost about 2% of a training step at T=100 B=32 H=512).
+  const int64_t team = 2 * s.batch * G4 * P >= kMinTeamStepFlops ? num_threads() : 1;
+  parallel_team(team, [&](int rank, int size, TeamBarrier& barrier) {
+    for (int64_t step = 0; step < s.steps; ++step) {
+      const int64_t t = s.reverse ? step : s.steps - 1 - step;
+      const int64_t n = steps.batch[t], row0 = steps.offset[t];
+      const int64_t tp = s.reverse ? t + 1 : t - 1;
+      const bool has_prev = tp >= 0 && tp < s.steps;
+      const int64_t n_prev = has_prev ? steps.batch[tp] : 0;
+      int64_t item0, item1;
 
-    const T* grad_out_t = a.grad_output + row0 * P;
-    for (int64_t i = 0; i < n * P; ++i) grad_hidden[i] += grad_out_t[i];
-    const T* grad_cell_output = grad_hidden;  // dL/d(o * tanh(c)) of this step
-    int64_t ld_grad = P;
-    if (s.has_proj) {
-      std::memcpy(grad_out_all + row0 * P, grad_hidden, sizeof(T) * n * P);
-      const int64_t h_tiles = (H + kTile - 1) / kTile;
-      parallel_for(h_tiles, grain_for(h_tiles, 2 * n * kTile * P), [&](int64_t begin, int64_t end) {
-        for (int64_t tile = begin; tile < end; ++tile) {
+      // dL/d(o * tanh(c)) of this step: grad_hidden (dL/dh_t through the next step) plus the output's gradient,
+      // added by block_backward; with a projection, both summed first for dL/dW_hr and the projection's backward.
+      const T* grad_out_t = a.grad_output + row0 * P;
+      const T* grad_cell_output = grad_hidden;
+      const T* grad_cell_extra = grad_out_t;
+      int64_t ld_grad = P;
+      if (s.has_proj) {
+        if (rank == 0) {
+          for (int64_t i = 0; i < n * P; ++i) grad_hidden[i] += grad_out_t[i];
+          std::memcpy(grad_out_all + row0 * P, grad_hidden, sizeof(T) * n * P);
+        }
+        barrier.wait(size);
+        const int64_t h_tiles = (H + kTile - 1) / kTile;
+        split_range(h_tiles, size, rank, item0, item1);
+        for (int64_t tile = item0; tile < item1; ++tile) {
           const int64_t h0 = tile * kTile, width = std::min(kTile, H - h0);
           gemm(n, width, P, grad_hidden, P, a.w_hr + h0, H, grad_raw + h0, H, false);
         }
-      });
-      grad_cell_output = grad_raw;
-      ld_grad = H;
-    }
+        barrier.wait(size);
+        grad_cell_extra = nullptr;
+        grad_cell_output = grad_raw;
+        ld_grad = H;
+      }
 
-    const T* gates_t = a.gates + row0 * LG;
-    T* grad_gates_t = grad_gates + row0 * LG;
-    const T* cells_t = a.cells + row0 * H;
-    const int64_t back_chunks = row_chunks_for(blocks, n);
-    parallel_for(blocks * back_chunks, grain_for(blocks, 64 * (n / back_chunks) * kUnitBlock),
-                 [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
+      const T* gates_t = a.gates + row0 * LG;
+      T* grad_gates_t = grad_gates + row0 * LG;
+      const T* cells_t = a.cells + row0 * H;
+      const int64_t back_chunks = row_chunks_for(blocks, n, size);
+      split_range(blocks * back_chunks, size, rank, item0, item1);
+      for (int64_t item = item0; item < item1; ++item) {
         const int64_t block = item % blocks;
         const int64_t base = columns.base(block), width = columns.width(block), unit0 = block * kUnitBlock;
         int64_t b0, b1;
@@ -567,20 +575,20 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
         for (int64_t b = b0; b < b1; ++b) {
           const T* cell_prev = b < n_prev ? a.cells + (steps.offset[tp] + b) * H : a.c0 + b * H;
           block_backward(gates_t + b * LG + base, grad_gates_t + b * LG + base, width,
-                         grad_cell_output + b * ld_grad + unit0, grad_cell + b * H + unit0, cells_t + b * H + unit0,
-                         cell_prev + unit0,
+                         grad_cell_output + b * ld_grad + unit0,
+                         grad_cell_extra != nullptr ? grad_cell_extra + b * P + unit0 : nullptr,
+                         grad_cell + b * H + unit0, cells_t + b * H + unit0, cell_prev + unit0,
                          bias_parts.empty() ? nullptr : bias_parts.data() + (item / blocks) * G4 + base);
           if constexpr (std::is_same_v<T, float>)
             if (products16)
               at::vec::convert(grad_gates_t + b * LG + base, grads16 + (row0 + b) * G4 + base, 4 * width);
         }
       }
-    });
-    // dL/dh_{t-1} = dL/dgates_t W_hh, for the rows of this step.
-    const int64_t dh_chunks = row_chunks_for(p_tiles, n);
-    parallel_for(p_tiles * dh_chunks, grain_for(p_tiles, 2 * (n / dh_chunks) * kTile * G4),
-                 [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
+      barrier.wait(size);
+      // dL/dh_{t-1} = dL/dgates_t W_hh, for the rows of this step.
+      const int64_t dh_chunks = row_chunks_for(p_tiles, n, size);
+      split_range(p_tiles * dh_chunks, size, rank, item0, item1);
+      for (int64_t item = item0; item < item1; ++item) {
         const int64_t tile = item % p_tiles, p0 = tile * kTile, width = std::min(kTile, P - p0);
         int64_t b0, b1;
         split_range(n, dh_chunks, item / p_tiles, b0, b1);
@@ -590,11 +598,12 @@ void backward_impl(const LstmLayerBackwardArgs<T>& a) {
                       grad_hidden + b0 * P + p0, P, false);
             continue;
           }
-        gemm(b1 - b0, width, G4, grad_gates_t + b0 * LG, LG, w_hh_p + p0 * G4, width, grad_hidden + b0 * P + p0, P,
-             false);
+        gemm(b1 - b0, width, G4, grad_gates_t + b0 * LG, LG, w_hh_p + p0 * G4, width, grad_hidden + b0 * P + p0,
+             P, false);
       }
-    });
-  }
+      barrier.wait(size);
+    }
+  });
 
   if (a.grad_bias != nullptr) sum_bias_parts(bias_parts, G4, perm, a.grad_bias);
   if constexpr (std::is_same_v<T, float>)
