@@ -379,7 +379,9 @@ bool exp_in_lanes(const float* row, int64_t n, float scale, float shift, Out* ou
   const auto exp_of = [&](__m512 x) {
     const __m512 t = _mm512_fmadd_ps(x, factor, minus_shift);
     top = _mm512_max_ps(top, t);
-    const __m512 e = exp_unclamped_avx512(_mm512_max_ps(lowest, t));
+    const __m512 clamped = _mm512_max_ps(lowest, t);
+    const __m512 e = std::is_same_v<Out, bf16> ? exp_for_bf16_unclamped_avx512(clamped)
+                                               : exp_unclamped_avx512(clamped);
     sum = _mm512_add_ps(sum, e);
     return e;
   };

@@ -38,6 +38,18 @@ inline __m512 exp_unclamped_avx512(__m512 v) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
   return _mm512_scalef_ps(p, n);
 }
+// The same with a degree-4 polynomial (relative error 2.6e-6, about torch's exp_u20), two FMAs fewer: for values
+// about to be rounded to bfloat16 (relative step 3.9e-3), such as a bf16 attention's probabilities.
+inline __m512 exp_for_bf16_unclamped_avx512(__m512 v) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504089f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(4.145814e-2f);
+  for (const float c : {1.6790812e-1f, 5.000436e-1f, 9.9996346e-1f, 9.999993e-1f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
 #endif
 inline at::vec::Vectorized<float> exp_(const at::vec::Vectorized<float>& x) {
 #if defined(FL_HAVE_AVX512)
