@@ -424,12 +424,17 @@ def test_float32_mask_with_other_query_dtypes():
 
 
 def test_mask_1d():
-    # A 1-D mask (S,) broadcasts like any other: torch's math path (3-D input) takes it; its fused 4-D path
-    # raises IndexError (its shape check reads mask.size(-2)), where we broadcast it as for the other ranks.
+    # A 1-D mask (S,) broadcasts like any other where torch's math path takes it (3-D input, or a mask that
+    # requires grad); its fused 4-D path raises IndexError (its shape check reads mask.size(-2)), and so do we.
     q, k, v = qkv(2, 3, 9, 130, 8)
     for mask, grad in ((rand_bool(130, seed=1), False), (randn(130, seed=1), True)):
         compare(q[0], k[0], v[0], mask, mask_grad=grad)
-        compare(q, k, v, mask, mask_grad=grad, ref_mask=lambda m: m.expand(9, 130))
+        if grad:
+            compare(q, k, v, mask, mask_grad=grad, ref_mask=lambda m: m.expand(9, 130))
+        else:
+            for fn in (fl_sdpa, torch_sdpa):
+                with pytest.raises(IndexError, match="Dimension out of range"):
+                    fn(q, k, v, attn_mask=mask)
 
 
 def test_mask_grad_broadcast_sums():

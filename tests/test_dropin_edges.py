@@ -84,6 +84,36 @@ def test_sdpa_is_causal_must_be_a_bool():
         fl.functional.scaled_dot_product_attention(q, q, q, is_causal=None)
 
 
+def _sdpa_outcome(fn, *args, **kwargs):
+    try:
+        return "ok", tuple(fn(*args, **kwargs).shape)
+    except Exception as error:  # noqa: BLE001 (the type and message are what is compared)
+        return type(error).__name__, str(error)
+
+
+@pytest.mark.parametrize("case", ["0-D mask", "1-D mask", "1-D mask, dropout", "1-D mask, 3-D", "gqa 2-D",
+                                  "gqa 3-D query 2-D key", "gqa not bool", "gqa 3-D", "2-D with 2-D mask"])
+def test_sdpa_shape_and_flag_errors_as_torch(case):
+    # torch's fused path indexes the mask's dim -2 (its math path broadcasts a shorter mask) and every path, with
+    # enable_gqa, the inputs' dim -3: the same IndexError (type and message) where they have fewer dims; its
+    # parser takes only a bool for enable_gqa.
+    q, k = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8)
+    mask = torch.ones(7, dtype=torch.bool)
+    args, kwargs = {
+        "0-D mask": ((q, k, k), dict(attn_mask=torch.tensor(True))),
+        "1-D mask": ((q, k, k), dict(attn_mask=mask)),
+        "1-D mask, dropout": ((q, k, k), dict(attn_mask=mask, dropout_p=0.5)),
+        "1-D mask, 3-D": ((q[0], k[0], k[0]), dict(attn_mask=mask)),
+        "gqa 2-D": ((q[0, 0], k[0, 0], k[0, 0]), dict(enable_gqa=True)),
+        "gqa 3-D query 2-D key": ((q[0], k[0, 0], k[0, 0]), dict(enable_gqa=True)),
+        "gqa not bool": ((q, k, k), dict(enable_gqa=1)),
+        "gqa 3-D": ((q[0], k[0], k[0]), dict(enable_gqa=True)),
+        "2-D with 2-D mask": ((q[0, 0], k[0, 0], k[0, 0]), dict(attn_mask=torch.ones(5, 7, dtype=torch.bool))),
+    }[case]
+    ours = _sdpa_outcome(fl.functional.scaled_dot_product_attention, *args, **kwargs)
+    assert ours == _sdpa_outcome(torch.nn.functional.scaled_dot_product_attention, *args, **kwargs)
+
+
 def test_flow_shape_errors_are_also_runtime_errors_as_in_nflows():
     maf = flows.MaskedAffineAutoregressiveTransform(4, 8, context_features=3)
     for call in (lambda: maf(torch.randn(5, 3), torch.randn(5, 3)),

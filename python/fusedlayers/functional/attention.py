@@ -43,6 +43,13 @@ def _check_inputs(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor |
             f"(key {list(key.shape)}, value {list(value.shape)})")
 
 
+def _dim_out_of_range(dim: int, ndim: int) -> IndexError:
+    """torch's error for indexing dimension `dim` of a tensor with `ndim` dimensions."""
+    if ndim == 0:
+        return IndexError(f"Dimension specified as {dim} but tensor has no dimensions")
+    return IndexError(f"Dimension out of range (expected to be in range of [{-ndim}, {ndim - 1}], but got {dim})")
+
+
 def _short(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "").replace("float32", "float").replace("float64", "double").replace(
         "int32", "int").replace("int64", "long").replace("float16", "half")
@@ -110,9 +117,17 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if scale is not None and not (isinstance(scale, numbers.Real) or (isinstance(scale, Tensor) and scale.dim() == 0)):
         raise TypeError(f"scaled_dot_product_attention(): argument 'scale' must be float, not {type(scale).__name__}")
     _check_inputs(query, key, value, attn_mask, dropout_p)
-    if not isinstance(is_causal, bool):  # torch's argument parser takes only a bool
-        raise TypeError(f"scaled_dot_product_attention(): argument 'is_causal' must be bool, not "
-                        f"{type(is_causal).__name__}")
+    for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa)):  # torch's parser takes only a bool
+        if not isinstance(flag, bool):
+            raise TypeError(f"scaled_dot_product_attention(): argument '{name}' must be bool, not {type(flag).__name__}")
+    # torch's fused CPU path indexes the mask's dim -2 (its math path broadcasts a 0-D or 1-D mask, as we do
+    # everywhere else), and with enable_gqa every path indexes each input's head dim -3: the same IndexError.
+    if attn_mask is not None and attn_mask.dim() < 2 and _torch_fused_path_takes(query, key, value, attn_mask,
+                                                                                 dropout_p, enable_gqa):
+        raise _dim_out_of_range(-2, attn_mask.dim())
+    for t in (query, key, value) if enable_gqa else ():
+        if t.dim() < 3:
+            raise _dim_out_of_range(-3, t.dim())
     # attn_mask together with is_causal: both apply (AND-ed), as torch's fused CPU path does; where torch would
     # take its math path instead, which rejects the combination, so do we.
     if attn_mask is not None and is_causal and not _torch_fused_path_takes(query, key, value, attn_mask, dropout_p,
