@@ -957,7 +957,7 @@ CELL_BAD_INPUTS = [
     ("hx_2d_unbatched", RuntimeError, r"hidden0 has inconsistent hidden_size: got 1, expected 5",
      lambda m: m(f32(4), (H0(1, 5), H0(1, 5)))),
     ("input_3d", ValueError, r"Expected input to be 1D or 2D, got 3D", lambda m: m(f32(1, 2, 4))),
-    ("hx_float64", RuntimeError, r"hx\[0\] dtype \(torch.float64\) does not match input dtype",
+    ("hx_float64", RuntimeError, r"mat1 and mat2 must have the same dtype",  # torch's own cell raises it
      lambda m: m(f32(2, 4), (H0(2, 5).double(), H0(2, 5).double()))),
     ("float16_input", RuntimeError, r"input dtype \(torch.float16\) does not match weight dtype",
      lambda m: m(f32(2, 4).half())),
@@ -966,6 +966,22 @@ CELL_BAD_INPUTS = [
     ("float64_input", RuntimeError, r"input dtype \(torch.float64\) does not match weight dtype",
      lambda m: m(f64(2, 4))),
 ]
+
+
+@pytest.mark.parametrize("cx_dtype", [torch.float64, torch.bfloat16])
+def test_lstm_cell_cell_state_of_another_dtype_promotes_as_torch(cx_dtype):
+    # torch's cell promotes the pointwise math with the cell state's dtype: a float64 c gives float64 h and c.
+    torch.manual_seed(0)
+    ref, ours = torch.nn.LSTMCell(4, 5), LSTMCell(4, 5)
+    ours.load_state_dict(ref.state_dict())
+    x, h = f32(2, 4), H0(2, 5)
+    c = H0(2, 5).to(cx_dtype).requires_grad_()
+    outs = [m(x, (h, c)) for m in (ref, ours)]
+    (h_ref, c_ref), (h_ours, c_ours) = outs
+    assert h_ours.dtype == h_ref.dtype and c_ours.dtype == c_ref.dtype
+    torch.testing.assert_close((h_ours, c_ours), (h_ref, c_ref))
+    grads = [torch.autograd.grad(out[0].sum() + out[1].sum(), c) for out in outs]
+    torch.testing.assert_close(grads[1], grads[0])
 
 
 @pytest.mark.parametrize("case", CELL_BAD_INPUTS, ids=[c[0] for c in CELL_BAD_INPUTS])

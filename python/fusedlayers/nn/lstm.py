@@ -143,6 +143,10 @@ class LSTMCell(torch.nn.LSTMCell):
             for k, state in enumerate(hx):
                 if state.dim() not in (1, 2):
                     raise ValueError(f"LSTMCell: Expected hx[{k}] to be 1D or 2D, got {state.dim()}D instead")
+            # States of another dtype than the input: torch promotes the pointwise math (a float64 cell state gives
+            # float64 outputs) or raises in its products; its own cell gives exactly that.
+            if any(state.dtype != input.dtype for state in hx) and not torch.is_autocast_enabled("cpu"):
+                return super().forward(input, hx)
         batched = input.dim() == 2
         if not batched:
             input = input.unsqueeze(0)
@@ -168,9 +172,6 @@ class LSTMCell(torch.nn.LSTMCell):
             if state.size(1) != self.hidden_size:
                 raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {state.size(1)}, expected "
                                    f"{self.hidden_size}")
-            if state.dtype != input.dtype and not torch.is_autocast_enabled("cpu"):
-                raise RuntimeError(f"LSTMCell: hx[{k}] dtype ({state.dtype}) does not match input dtype "
-                                   f"({input.dtype})")
         if self.weight_ih.dtype != input.dtype and not torch.is_autocast_enabled("cpu"):
             raise RuntimeError(f"LSTMCell: input dtype ({input.dtype}) does not match weight dtype "
                                f"({self.weight_ih.dtype})")
