@@ -246,7 +246,13 @@ def test_empty_batch_gives_empty_outputs_like_nflows(features):
         ref_out, ref_lad = getattr(ref, method)(u, context)
         assert out.shape == ref_out.shape == (0, features) and lad.shape == ref_lad.shape == (0,)
     flow = fl.Flow(fl.IAF(features, HIDDEN), fl.StandardNormal([features]))
-    assert flow.sample(0).shape == (0, features) and flow.log_prob(u.float()).shape == (0,)
+    assert flow.log_prob(u.float()).shape == (0,)
+    # A sample count must be a positive int, as nflows requires (its TypeError; ours is also a ValueError).
+    from nflows.distributions import StandardNormal as NflowsNormal
+    for count in (0, -1, 2.0, True):
+        for sampler in (flow.sample, flow._distribution.sample, NflowsNormal([features]).sample):
+            with pytest.raises(TypeError):
+                sampler(count)
 
 
 # --------------------------------------------------------------------------------------------------------------

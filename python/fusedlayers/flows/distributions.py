@@ -8,9 +8,21 @@ import torch
 from torch import Tensor, nn
 
 
+class CountError(TypeError, ValueError):
+    """A sample count or batch size that is not a positive int: nflows raises TypeError for these, and this is
+    also a ValueError, as it was here before."""
+
+
+def check_count(name: str, value) -> None:
+    """nflows' rule for a number of samples or a batch size: a positive int (a bool passes nflows' check and then
+    fails in torch.randn, with a TypeError too)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CountError(f"{name} must be a positive int, got {value!r}")
+
+
 def batch_sizes(num_samples: int, batch_size: int) -> list[int]:
-    """The sizes of the batches nflows draws num_samples in: full batches, then the rest (at least one batch)."""
-    return [min(batch_size, num_samples - start) for start in range(0, num_samples, batch_size)] or [0]
+    """The sizes of the batches nflows draws num_samples in: full batches, then the rest."""
+    return [min(batch_size, num_samples - start) for start in range(0, num_samples, batch_size)]
 
 
 class StandardNormal(nn.Module):
@@ -31,9 +43,9 @@ class StandardNormal(nn.Module):
     def sample(self, num_samples: int, context: Tensor | None = None, batch_size: int | None = None) -> Tensor:
         """[num_samples, *shape], or [context rows, num_samples, *shape]. With `batch_size` (nflows' argument),
         drawn that many at a time, as nflows draws them (the same values under the same seed)."""
+        check_count("num_samples", num_samples)
         if batch_size is not None:
-            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-                raise TypeError(f"batch_size must be a positive int, got {batch_size!r}")
+            check_count("batch_size", batch_size)
             return torch.cat([self.sample(n, context) for n in batch_sizes(num_samples, batch_size)],
                              dim=0 if context is None else 1)
         if context is None:

@@ -6,22 +6,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .distributions import batch_sizes
-
-
-class CountError(TypeError, ValueError):
-    """A sample count or batch size that is not a valid int: nflows raises TypeError for these, and this is
-    also a ValueError, as it was here before."""
+from .distributions import CountError, batch_sizes, check_count  # noqa: F401 (CountError: flows' public name)
 
 
 class NoMeanException(Exception):
     """Raised by `Flow.mean`: a flow's mean has no closed form (nflows' exception of the same name)."""
-
-
-def _check_count(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "positive" if minimum > 0 else "non-negative"
-        raise CountError(f"{name} must be a {kind} int, got {value!r}")
 
 
 class Flow(nn.Module):
@@ -50,8 +39,8 @@ class Flow(nn.Module):
         draws at most that many samples (per context row) at a time, as nflows' argument of the same name."""
         if batch_size is None:
             return self.sample_and_log_prob(num_samples, context)[0]
-        _check_count("batch_size", batch_size, 1)
-        _check_count("num_samples", num_samples, 0)
+        check_count("batch_size", batch_size)
+        check_count("num_samples", num_samples)
         chunks = [self.sample_and_log_prob(n, context)[0] for n in batch_sizes(num_samples, batch_size)]
         return torch.cat(chunks, dim=0 if context is None else 1)
 
@@ -59,7 +48,7 @@ class Flow(nn.Module):
         raise NoMeanException("a flow's mean has no closed form; estimate it from samples")
 
     def sample_and_log_prob(self, num_samples: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        _check_count("num_samples", num_samples, 0)
+        check_count("num_samples", num_samples)
         embedded = self._embedding_net(context) if context is not None else None
         noise, log_prob = self._distribution.sample_and_log_prob(num_samples, context=embedded)
         if embedded is None:
