@@ -114,6 +114,41 @@ def test_sdpa_shape_and_flag_errors_as_torch(case):
     assert ours == _sdpa_outcome(torch.nn.functional.scaled_dot_product_attention, *args, **kwargs)
 
 
+@pytest.mark.parametrize("case", ["causal hint alone", "nested", "padding mask (B, L + 1)", "padding mask 1-D",
+                                  "padding mask", "causal hint, grad"])
+def test_multihead_inference_fast_path_cases_as_torch(case):
+    # Where torch's MultiheadAttention takes its native inference path (eval, no grad, batch_first, self-attention,
+    # even heads) it ignores a causal hint without a mask, takes nested tensors and raises its own errors for a
+    # padding mask of the wrong shape; elsewhere (grad enabled) the hint without a mask raises.
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    ours = fl.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 8)
+    nested = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(2, 8)])
+    padding = torch.tensor([[False, False, True, True], [False] * 4])
+    args, kwargs = {
+        "causal hint alone": ((x, x, x), dict(is_causal=True)),
+        "nested": ((nested, nested, nested), {}),
+        "padding mask (B, L + 1)": ((x, x, x), dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))),
+        "padding mask 1-D": ((x, x, x), dict(key_padding_mask=torch.zeros(8, dtype=torch.bool))),
+        "padding mask": ((x, x, x), dict(key_padding_mask=padding)),
+        "causal hint, grad": ((x, x, x), dict(is_causal=True)),
+    }[case]
+    outcomes = []
+    for module in (ref, ours):
+        with torch.set_grad_enabled(case.endswith("grad")):
+            try:
+                out = module(*args, need_weights=False, **kwargs)[0]
+                outcomes.append(out.to_padded_tensor(0.0) if out.is_nested else out)
+            except Exception as error:  # noqa: BLE001 (the type and message are what is compared)
+                outcomes.append((type(error).__name__, str(error)))
+    if isinstance(outcomes[0], tuple):
+        assert outcomes[1] == outcomes[0]
+    else:
+        torch.testing.assert_close(outcomes[1], outcomes[0])
+
+
 def test_flow_shape_errors_are_also_runtime_errors_as_in_nflows():
     maf = flows.MaskedAffineAutoregressiveTransform(4, 8, context_features=3)
     for call in (lambda: maf(torch.randn(5, 3), torch.randn(5, 3)),
