@@ -944,6 +944,22 @@ def test_float32_cx_with_float64_input_is_rejected():
         ours(x, (h0, c0))
 
 
+def test_jit_trace_with_its_check_and_training_after_a_no_grad_trace():
+    # torch.jit.trace reruns the module without grad to check the graph: the traced path must not depend on the
+    # grad mode, and a module traced under no_grad must still train, as torch's does.
+    torch.manual_seed(0)
+    ours = LSTM(4, 6, num_layers=2)
+    x = f32(5, 3, 4)
+    traced = torch.jit.trace(ours, (x,))
+    x2 = f32(7, 2, 4)
+    torch.testing.assert_close(traced(x2)[0], ours(x2)[0])
+    with torch.no_grad():
+        traced_without_grad = torch.jit.trace(ours, (x,))
+    traced_without_grad(x2)[0].sum().backward()
+    expected = torch.autograd.grad(ours(x2)[0].sum(), ours.weight_ih_l0)[0]
+    torch.testing.assert_close(ours.weight_ih_l0.grad, expected)
+
+
 CELL_BAD_INPUTS = [
     ("feature_size", RuntimeError, r"input has inconsistent input_size: got 6 expected 4",
      lambda m: m(f32(2, 6))),

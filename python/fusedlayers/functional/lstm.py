@@ -11,7 +11,10 @@ _layer_op = torch.ops.fusedlayers.lstm_layer
 
 
 def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    # A trace records one path for every later call (and torch.jit.trace's check reruns it without grad): the
+    # differentiable one wherever an input could require grad, whatever the grad mode at trace time.
+    requires = any(t is not None and t.requires_grad for t in tensors)
+    return requires and (torch.is_grad_enabled() or torch.jit.is_tracing())
 
 
 def lstm_layer(input: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
