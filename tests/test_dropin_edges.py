@@ -149,6 +149,21 @@ def test_multihead_inference_fast_path_cases_as_torch(case):
         torch.testing.assert_close(outcomes[1], outcomes[0])
 
 
+@pytest.mark.parametrize("shape", [(2, 5), (8,), (2, 4, 4), (3, 4)], ids=str)
+def test_encoder_layer_fast_path_padding_mask_shape_errors_as_torch(shape):
+    torch.manual_seed(0)
+    ref = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval()
+    ours = fl.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval()
+    ours.load_state_dict(ref.state_dict())
+    x, mask = torch.randn(2, 4, 8), torch.zeros(shape, dtype=torch.bool)
+    outcomes = []
+    for module in (ref, ours):
+        with torch.no_grad(), pytest.raises(RuntimeError) as error:
+            module(x, src_key_padding_mask=mask)
+        outcomes.append(str(error.value))
+    assert outcomes[1] == outcomes[0]
+
+
 def test_flow_shape_errors_are_also_runtime_errors_as_in_nflows():
     maf = flows.MaskedAffineAutoregressiveTransform(4, 8, context_features=3)
     for call in (lambda: maf(torch.randn(5, 3), torch.randn(5, 3)),

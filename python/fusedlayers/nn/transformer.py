@@ -41,8 +41,12 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
 
     def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                 is_causal: bool = False) -> Tensor:
-        if src.is_nested:  # torch.nn.TransformerEncoder's inference fast path packs padded batches as nested
-            return super().forward(src, src_mask, src_key_padding_mask, is_causal)  # tensors: torch's kernel
+        # torch.nn.TransformerEncoder's inference fast path packs padded batches as nested tensors, and torch's
+        # native layer rejects a padding mask of the wrong shape with its own error: both go to torch's forward.
+        wrong_padding = (src_key_padding_mask is not None and not src.is_nested
+                         and tuple(src_key_padding_mask.shape) != tuple(src.shape[:2]))
+        if src.is_nested or (wrong_padding and self._torch_takes_fast_path(src)):
+            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
         if is_causal and src_mask is None and self._torch_takes_fast_path(src):
             is_causal = False  # torch's inference fast path ignores a causal hint that comes without its mask
         src_key_padding_mask = F._canonical_mask(mask=src_key_padding_mask, mask_name="src_key_padding_mask",
