@@ -84,9 +84,10 @@ def test_sdpa_is_causal_must_be_a_bool():
         fl.functional.scaled_dot_product_attention(q, q, q, is_causal=None)
 
 
-def _sdpa_outcome(fn, *args, **kwargs):
+def _outcome(call):
+    """call()'s result, or its exception as (type name, message): what a drop-in must match."""
     try:
-        return "ok", tuple(fn(*args, **kwargs).shape)
+        return call()
     except Exception as error:  # noqa: BLE001 (the type and message are what is compared)
         return type(error).__name__, str(error)
 
@@ -110,8 +111,9 @@ def test_sdpa_shape_and_flag_errors_as_torch(case):
         "gqa 3-D": ((q[0], k[0], k[0]), dict(enable_gqa=True)),
         "2-D with 2-D mask": ((q[0, 0], k[0, 0], k[0, 0]), dict(attn_mask=torch.ones(5, 7, dtype=torch.bool))),
     }[case]
-    ours = _sdpa_outcome(fl.functional.scaled_dot_product_attention, *args, **kwargs)
-    assert ours == _sdpa_outcome(torch.nn.functional.scaled_dot_product_attention, *args, **kwargs)
+    outcomes = [_outcome(lambda: tuple(fn(*args, **kwargs).shape)) for fn in (
+        fl.functional.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)]
+    assert outcomes[0] == outcomes[1]
 
 
 @pytest.mark.parametrize("case", ["causal hint alone", "nested", "padding mask (B, L + 1)", "padding mask 1-D",
@@ -135,14 +137,12 @@ def test_multihead_inference_fast_path_cases_as_torch(case):
         "padding mask": ((x, x, x), dict(key_padding_mask=padding)),
         "causal hint, grad": ((x, x, x), dict(is_causal=True)),
     }[case]
-    outcomes = []
-    for module in (ref, ours):
+    def output(module):
         with torch.set_grad_enabled(case.endswith("grad")):
-            try:
-                out = module(*args, need_weights=False, **kwargs)[0]
-                outcomes.append(out.to_padded_tensor(0.0) if out.is_nested else out)
-            except Exception as error:  # noqa: BLE001 (the type and message are what is compared)
-                outcomes.append((type(error).__name__, str(error)))
+            out = module(*args, need_weights=False, **kwargs)[0]
+        return out.to_padded_tensor(0.0) if out.is_nested else out
+
+    outcomes = [_outcome(lambda: output(module)) for module in (ref, ours)]
     if isinstance(outcomes[0], tuple):
         assert outcomes[1] == outcomes[0]
     else:
