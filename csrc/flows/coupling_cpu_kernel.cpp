@@ -4,10 +4,9 @@
 #include "flows/coupling_kernel.h"
 
 #include "common/parallel.h"
-#include "common/vec_math.h"
+#include "flows/coupling_rows.h"
 #include "flows/flow_math.h"
 
-#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -17,18 +16,6 @@ namespace fl::FL_ISA {
 namespace {
 
 using at::vec::Vectorized;
-
-template <typename T>
-Vectorized<T> load(const T* p, int64_t n) {
-  return n == Vectorized<T>::size() ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, n);
-}
-
-// sigmoid(u + 2), vectorised.
-template <typename T>
-Vectorized<T> sigmoid_shifted(const Vectorized<T>& u) {
-  using Vec = Vectorized<T>;
-  return Vec(T(1)) / (Vec(T(1)) + (u + Vec(T(2))).neg().exp());
-}
 
 // Calls fn(row, x, shift, unconstrained) for every row, rows shared among threads.
 template <typename T, typename Fn>
@@ -41,22 +28,9 @@ void over_rows(const CouplingArgs<T>& a, const Fn& fn) {
 
 template <typename T>
 void forward(const CouplingArgs<T>& a) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t W = Vec::size();
   const int64_t E = a.elements;
   over_rows(a, [&](int64_t n, const T* x, const T* shift, const T* raw) {
-    T* y = a.outputs + n * E;
-    Vec log_sum(0);
-    for (int64_t e = 0; e < E; e += W) {
-      const int64_t w = std::min(W, E - e);
-      const Vec scale = sigmoid_shifted(load(raw + e, w)) + Vec(a.epsilon);
-      const Vec out = a.inverse ? (load(x + e, w) - load(shift + e, w)) / scale
-                                : at::vec::fmadd(load(x + e, w), scale, load(shift + e, w));
-      out.store(y + e, w);
-      log_sum = log_sum + Vec::set(Vec(0), log_(scale), w);  // lanes past the row's end add nothing
-    }
-    const T total = at::vec::vec_reduce_all<T>([](const Vec& p, const Vec& q) { return p + q; }, log_sum);
-    a.logabsdet[n] = a.inverse ? -total : total;
+    a.logabsdet[n] = coupling_row(x, shift, raw, a.outputs + n * E, E, a.inverse, a.epsilon);
   });
 }
 
@@ -73,19 +47,19 @@ void backward(const CouplingArgs<T>& a) {
     T* draw = dshift + E;
     for (int64_t e = 0; e < E; e += W) {
       const int64_t w = std::min(W, E - e);
-      const Vec sig = sigmoid_shifted(load(raw + e, w));
+      const Vec sig = sigmoid_shifted(load_partial(raw + e, w));
       const Vec scale = sig + Vec(a.epsilon);
-      const Vec g = load(dy + e, w);
+      const Vec g = load_partial(dy + e, w);
       Vec dscale;
       if (a.inverse) {  // y = (x - shift) / scale, logabsdet = -sum log scale
         const Vec inv = Vec(T(1)) / scale;
         (g * inv).store(dx + e, w);
         (g * inv).neg().store(dshift + e, w);
-        dscale = ((g * (load(x + e, w) - load(shift + e, w)) * inv) + dl).neg() * inv;
+        dscale = ((g * (load_partial(x + e, w) - load_partial(shift + e, w)) * inv) + dl).neg() * inv;
       } else {  // y = x * scale + shift, logabsdet = sum log scale
         (g * scale).store(dx + e, w);
         g.store(dshift + e, w);
-        dscale = at::vec::fmadd(g, load(x + e, w), dl / scale);
+        dscale = at::vec::fmadd(g, load_partial(x + e, w), dl / scale);
       }
       (dscale * sig * (Vec(T(1)) - sig)).store(draw + e, w);
     }

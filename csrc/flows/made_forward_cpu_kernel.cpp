@@ -12,6 +12,7 @@
 #include "common/transpose_kernel.h"
 #include "common/vec_math.h"
 #include "common/parallel.h"
+#include "flows/coupling_rows.h"
 #include "flows/flow_math.h"
 #include "flows/made_strips.h"
 
@@ -112,6 +113,7 @@ template <typename T>
 struct SlabRows {
   std::vector<T*> dst, activated, pre;
   std::vector<std::vector<T>> own;
+  std::vector<T> gathered;  // a coupling's identity columns
 
   void point(const MadeForwardArgs<T>& a, int64_t n0, int64_t kRows) {
     const auto L = static_cast<size_t>(a.num_layers);
@@ -196,7 +198,16 @@ void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows, int64_t
   const auto act = static_cast<MadeActivation>(a.activation);
   const int64_t D = a.features;
   slab.point(a, n0, slab_size);
-  const auto buffer = [&](int64_t id) -> const T* { return id == 0 ? a.inputs + n0 * D : slab.dst[id - 1]; };
+  const bool coupling = a.map != MadeForwardArgs<T>::Map::maf;
+  const T* net_inputs = a.inputs + n0 * D;
+  if (coupling) {  // the network reads the identity columns, gathered for the slab
+    const int64_t C = a.coupled_features;
+    slab.gathered.resize(rows * D);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < D; ++i) slab.gathered[r * D + i] = a.inputs[(n0 + r) * C + a.identity_index[i]];
+    net_inputs = slab.gathered.data();
+  }
+  const auto buffer = [&](int64_t id) -> const T* { return id == 0 ? net_inputs : slab.dst[id - 1]; };
   for (int64_t l = 0; l < a.num_layers; ++l) {
     const MadeLayer<T>& y = a.layers[l];
     const int64_t in = y.in_units, out = y.out_units;
@@ -236,8 +247,23 @@ void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows, int64_t
         for (int64_t c = 0; c < out; ++c) dst[r * out + c] += residual[r * out + c];
     }
   }
-  // The affine map: params hold (unconstrained scale, shift) per feature.
   const T* params = slab.dst[a.num_layers - 1];
+  if (coupling) {  // params hold [shift; unconstrained scale] of the moving columns
+    const int64_t M = a.moving_features, C = a.coupled_features;
+    const bool inverse = a.map == MadeForwardArgs<T>::Map::coupling_inverse;
+    std::vector<T> moving(2 * M);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* in = a.inputs + (n0 + r) * C;
+      T* out = a.outputs + (n0 + r) * C;
+      for (int64_t i = 0; i < M; ++i) moving[i] = in[a.moving_index[i]];
+      a.logabsdet[n0 + r] = coupling_row(moving.data(), params + r * 2 * M, params + r * 2 * M + M,
+                                         moving.data() + M, M, inverse, a.epsilon);
+      for (int64_t i = 0; i < M; ++i) out[a.moving_index[i]] = moving[M + i];
+      for (int64_t i = 0; i < D; ++i) out[a.identity_index[i]] = net_inputs[r * D + i];
+    }
+    return;
+  }
+  // The affine map: params hold (unconstrained scale, shift) per feature.
   // All of the slab's scales at once: full vectors even when D is below the vector width.
   std::vector<T> scale(rows * D), log_scale(rows * D);
   for (int64_t r = 0; r < rows; ++r)

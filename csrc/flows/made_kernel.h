@@ -82,6 +82,14 @@ struct MadeForwardArgs {
   T* outputs = nullptr;            // [batch, features]: scale * x + shift
   T* logabsdet = nullptr;          // [batch]
   std::atomic<bool>* nonfinite_inputs = nullptr;  // set when an input is NaN or infinite (the op raises)
+  // An affine coupling's conditioner instead (made_coupling_forward): inputs and outputs are [batch,
+  // coupled_features]; the network reads the `features` identity columns and returns [shift; unconstrained
+  // scale] for the `moving_features` moving ones, which the epilogue maps as flows/coupling_kernel.h says; the
+  // identity columns are copied. NaN passes through.
+  enum class Map : int { maf = 0, coupling_forward = 1, coupling_inverse = 2 } map = Map::maf;
+  int64_t coupled_features = 0, moving_features = 0;
+  const int64_t* identity_index = nullptr;  // [features]
+  const int64_t* moving_index = nullptr;    // [moving_features]
 };
 
 template <typename T>

@@ -258,9 +258,81 @@ Tensor made_sorted_weight_cpu(const Tensor& weight, const Tensor& mask, const Te
   return cached_sorted_weight(weight, mask, out_perm, in_perm, sorted_weight_key(mask, out_perm, in_perm, tokens));
 }
 
+// [out, in] -> [in, out] in tiles: ATen's strided copy is several times slower.
+Tensor transposed(const Tensor& w) {
+  const int64_t out = w.size(0), in = w.size(1);
+  Tensor t = at::empty({in, out}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "made_transpose", [&] {
+    const scalar_t* src = w.data_ptr<scalar_t>();
+    scalar_t* dst = t.data_ptr<scalar_t>();
+    parallel_for((out + 31) / 32, std::max<int64_t>(1, 512 / std::max<int64_t>(in, 1)), [&](int64_t b0, int64_t b1) {
+      const int64_t r0 = b0 * 32, r1 = std::min(out, b1 * 32);  // a band of rows of w
+      FL_DISPATCH_ISA(transposed_copy, r1 - r0, in, src + r0 * in, in, dst + r0, out);
+    });
+  });
+  return t;
+}
+
+// A dense layer (no masks: made_coupling_forward's conditioner): every unit reads every input and the weight is
+// its own sorted weight, so only the forward's strips (or transpose) are derived, cached on the weight alone.
+void add_dense_layer(MadeNet& net, const Tensor& w) {
+  const int64_t out = w.size(0), in = w.size(1);
+  const Tensor extent = cached_derived(w, "dense:extent", [&] { return at::full({out}, in, at::kLong); });
+  int64_t floats = 0;
+  if (w.scalar_type() == at::kFloat)
+    FL_DISPATCH_ISA(made_strip_floats, in, out, extent.data_ptr<int64_t>(), false, floats);
+  net.output_strips.push_back(floats == 0 ? Tensor() : cached_derived(w, "dense:output strips", [&] {
+    Tensor strips = at::empty({floats}, w.options());
+    FL_DISPATCH_ISA(made_pack_strips, w.data_ptr<float>(), in, out, extent.data_ptr<int64_t>(), false,
+                    strips.data_ptr<float>());
+    return strips;
+  }));
+  net.input_strips.emplace_back();
+  net.weight.emplace_back();
+  net.weight_t.push_back(floats ? Tensor() : cached_derived(w, "dense:t", [&] { return transposed(w); }));
+  net.extent.push_back(extent);
+}
+
+// A masked layer's derived tensors: its units' input counts (extent), its forward strips or transposed sorted
+// weight, and where the backward needs them its sorted weight and input strips; cached while unchanged.
+void add_masked_layer(MadeNet& net, const Tensor& w, const Tensor& mask, const Tensor& in_perm,
+                      const Tensor& out_perm, bool need_sorted, Tokens& tokens, int64_t l) {
+  constexpr const char* op = "made_forward";
+  const int64_t out = w.size(0), in = w.size(1);
+  const auto dtype = w.scalar_type();
+  const int64_t* po = out_perm.data_ptr<int64_t>();
+  const int64_t* pi = in_perm.data_ptr<int64_t>();
+  const std::string key = sorted_weight_key(mask, out_perm, in_perm, tokens);
+  // Sorted by degree, each mask row is a prefix of the sorted inputs: its count is all that unit reads.
+  Tensor extent = cached_derived(mask, "made_extent:" + tokens.of(out_perm), [&] {
+    Tensor counts = at::empty({out}, out_perm.options());
+    AT_DISPATCH_FLOATING_TYPES(dtype, "made_extent", [&] {
+      const scalar_t* m = mask.data_ptr<scalar_t>();
+      for (int64_t o = 0; o < out; ++o)
+        counts.data_ptr<int64_t>()[o] = std::count_if(m + po[o] * in, m + (po[o] + 1) * in,
+                                                      [](scalar_t v) { return v != scalar_t(0); });
+    });
+    return counts;
+  });
+  const int64_t* e = extent.data_ptr<int64_t>();
+  TORCH_CHECK(std::is_sorted(e, e + out), op, ": layer ", l,
+              " is not sorted by degree (its units' input counts must not decrease)");
+  // The forward reads the strips (or else the transposed weight); the backward the sorted weight and strips.
+  net.output_strips.push_back(cached_strips(w, mask, out_perm, in_perm, key, extent, false));
+  net.input_strips.push_back(need_sorted ? cached_strips(w, mask, out_perm, in_perm, key, extent, true)
+                                         : Tensor());
+  net.weight.push_back(need_sorted ? cached_sorted_weight(w, mask, out_perm, in_perm, key) : Tensor());
+  net.weight_t.push_back(net.output_strips.back().defined() ? Tensor() : cached_derived(w, key + ":t", [&] {
+    return transposed(cached_sorted_weight(w, mask, out_perm, in_perm, key));
+  }));
+  net.extent.push_back(extent);
+}
+
+// Masks and permutations may be empty lists: a dense network (made_coupling_forward), which has no backward.
 MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorList masks, at::TensorList in_perms,
                      at::TensorList out_perms, at::TensorList biases, at::TensorList contexts,
-                     at::IntArrayRef layer_info, bool need_sorted) {
+                     at::IntArrayRef layer_info, bool need_sorted, int64_t input_units = -1,
+                     int64_t output_units = -1) {
   constexpr const char* op = "made_forward";
   Tokens tokens;
   TORCH_CHECK(inputs.device().is_cpu() && inputs.dim() == 2 && inputs.is_contiguous(), op,
@@ -268,9 +340,13 @@ MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorLis
   const auto dtype = inputs.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op, ": inputs must be float32 or float64, got ",
                    dtype);
-  const int64_t L = static_cast<int64_t>(weights.size()), N = inputs.size(0), D = inputs.size(1);
+  const int64_t L = static_cast<int64_t>(weights.size()), N = inputs.size(0);
+  const int64_t D = input_units < 0 ? inputs.size(1) : input_units;
+  const bool dense = masks.empty() && in_perms.empty() && out_perms.empty();
+  TORCH_CHECK(!(dense && need_sorted), op, ": a dense network has no backward");
   for (const auto* list : {&masks, &in_perms, &out_perms, &biases, &contexts})
-    TORCH_CHECK(static_cast<int64_t>(list->size()) == L, op, ": one mask, permutation, bias and context per layer");
+    TORCH_CHECK(static_cast<int64_t>(list->size()) == L || (dense && list->empty()), op,
+                ": one mask, permutation, bias and context per layer");
   TORCH_CHECK(L >= 1 && static_cast<int64_t>(layer_info.size()) == 4 * L, op,
               ": layer_info must hold 4 ints per layer");
   MadeNet net;
@@ -278,11 +354,14 @@ MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorLis
   for (int64_t l = 0; l < L; ++l) {
     const Tensor& w = weights[l];
     const int64_t out = w.size(0), in = w.dim() == 2 ? w.size(1) : -1;
-    TORCH_CHECK(w.scalar_type() == dtype && w.dim() == 2 && w.is_contiguous() && masks[l].is_contiguous() &&
-                    masks[l].scalar_type() == dtype && masks[l].sizes() == w.sizes(),
+    TORCH_CHECK(w.scalar_type() == dtype && w.dim() == 2 && w.is_contiguous() &&
+                    (dense || (masks[l].is_contiguous() && masks[l].scalar_type() == dtype &&
+                               masks[l].sizes() == w.sizes())),
                 op, ": layer ", l, " needs a contiguous weight and mask of one shape and the inputs' dtype");
-    check_permutation(in_perms[l], in, op);
-    check_permutation(out_perms[l], out, op);
+    if (!dense) {
+      check_permutation(in_perms[l], in, op);
+      check_permutation(out_perms[l], out, op);
+    }
     const int64_t src = layer_info[l * 4], residual = layer_info[l * 4 + 1];
     TORCH_CHECK(src >= 0 && src <= l && units[src] == in, op, ": layer ", l,
                 " reads a buffer that does not exist yet or has the wrong size");
@@ -295,43 +374,11 @@ MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorLis
       TORCH_CHECK(contexts[l].scalar_type() == dtype && contexts[l].is_contiguous() &&
                       contexts[l].sizes() == at::IntArrayRef({N, out}),
                   op, ": layer ", l, " context must be [batch, ", out, "]");
-    const Tensor& mask = masks[l];
-    const int64_t* po = out_perms[l].data_ptr<int64_t>();
-    const int64_t* pi = in_perms[l].data_ptr<int64_t>();
-    const std::string key = sorted_weight_key(mask, out_perms[l], in_perms[l], tokens);
-    // Sorted by degree, each mask row is a prefix of the sorted inputs: its count is all that unit reads.
-    Tensor extent = cached_derived(mask, "made_extent:" + tokens.of(out_perms[l]), [&] {
-      Tensor counts = at::empty({out}, out_perms[l].options());
-      AT_DISPATCH_FLOATING_TYPES(dtype, "made_extent", [&] {
-        const scalar_t* m = mask.data_ptr<scalar_t>();
-        for (int64_t o = 0; o < out; ++o)
-          counts.data_ptr<int64_t>()[o] = std::count_if(m + po[o] * in, m + (po[o] + 1) * in,
-                                                        [](scalar_t v) { return v != scalar_t(0); });
-      });
-      return counts;
-    });
-    const int64_t* e = extent.data_ptr<int64_t>();
-    TORCH_CHECK(std::is_sorted(e, e + out), op, ": layer ", l,
-                " is not sorted by degree (its units' input counts must not decrease)");
-    // The forward reads the strips (or else the transposed weight); the backward the sorted weight and strips.
-    net.output_strips.push_back(cached_strips(w, mask, out_perms[l], in_perms[l], key, extent, false));
-    net.input_strips.push_back(need_sorted ? cached_strips(w, mask, out_perms[l], in_perms[l], key, extent, true)
-                                           : Tensor());
-    net.weight.push_back(need_sorted ? cached_sorted_weight(w, mask, out_perms[l], in_perms[l], key) : Tensor());
-    net.weight_t.push_back(net.output_strips.back().defined() ? Tensor() : cached_derived(w, key + ":t", [&] {
-      const Tensor sorted = cached_sorted_weight(w, mask, out_perms[l], in_perms[l], key);
-      Tensor t = at::empty({in, out}, w.options());  // a tiled transpose: ATen's strided copy is several times slower
-      AT_DISPATCH_FLOATING_TYPES(dtype, "made_transpose", [&] {
-        const scalar_t* src = sorted.data_ptr<scalar_t>();
-        scalar_t* dst = t.data_ptr<scalar_t>();
-        parallel_for((out + 31) / 32, std::max<int64_t>(1, 512 / std::max<int64_t>(in, 1)), [&](int64_t b0, int64_t b1) {
-          const int64_t r0 = b0 * 32, r1 = std::min(out, b1 * 32);  // a band of rows of the sorted weight
-          FL_DISPATCH_ISA(transposed_copy, r1 - r0, in, src + r0 * in, in, dst + r0, out);
-        });
-      });
-      return t;
-    }));
-    net.extent.push_back(extent);
+    if (dense) {
+      add_dense_layer(net, w);
+    } else {
+      add_masked_layer(net, w, masks[l], in_perms[l], out_perms[l], need_sorted, tokens, l);
+    }
     units.push_back(out);
     net.src.push_back(src);
     net.residual.push_back(residual);
@@ -340,7 +387,9 @@ MadeNet describe_net(const Tensor& inputs, at::TensorList weights, at::TensorLis
     net.in_units.push_back(in);
     net.out_units.push_back(out);
   }
-  TORCH_CHECK(units.back() == 2 * D, op, ": the output layer must have 2 units per feature");
+  if (output_units < 0) output_units = 2 * D;  // a MAF: (unconstrained scale, shift) per feature
+  TORCH_CHECK(units.back() == output_units, op, ": the output layer must have ", output_units, " units, got ",
+              units.back());
   return net;
 }
 
@@ -388,8 +437,9 @@ std::pair<std::vector<Tensor>, std::vector<Tensor>> sorted_terms(at::TensorList 
                                                                  at::TensorList out_perms) {
   std::vector<Tensor> b, c;
   for (size_t l = 0; l < biases.size(); ++l) {
-    b.push_back(present(biases[l]) ? gather_bias(biases[l], out_perms[l]) : biases[l]);
-    c.push_back(present(contexts[l]) ? contexts[l].index_select(1, out_perms[l]) : contexts[l]);
+    const bool sorted = out_perms.empty();  // a dense network's units stay in their order
+    b.push_back(present(biases[l]) && !sorted ? gather_bias(biases[l], out_perms[l]) : biases[l]);
+    c.push_back(present(contexts[l]) && !sorted ? contexts[l].index_select(1, out_perms[l]) : contexts[l]);
   }
   return {b, c};
 }
@@ -514,6 +564,62 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
   return {grad_inputs, grad_w, grad_bias, grad_context};
 }
 
+// An affine coupling with its conditioner in one slab kernel: the conditioner is a dense MADE (no masks; the
+// Python side describes a chain of linear layers, activations and residual additions that way), the MAF's map
+// replaced by the coupling's. No autograd: called when nothing needs gradients.
+void check_columns(const Tensor& index, int64_t columns, const char* name) {
+  TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kLong && index.dim() == 1 &&
+                  index.is_contiguous(), "made_coupling_forward: ", name, " must be a contiguous 1-D int64 CPU tensor");
+  const int64_t* p = index.data_ptr<int64_t>();
+  TORCH_CHECK(std::all_of(p, p + index.numel(), [&](int64_t i) { return i >= 0 && i < columns; }),
+              "made_coupling_forward: ", name, " has a column outside [0, ", columns, ")");
+}
+
+std::tuple<Tensor, Tensor> made_coupling_forward_cpu(const Tensor& inputs, const Tensor& identity_index,
+                                                     const Tensor& moving_index, at::TensorList weights,
+                                                     at::TensorList biases, at::IntArrayRef layer_info,
+                                                     int64_t activation, double epsilon, bool inverse) {
+  constexpr const char* op = "made_coupling_forward";
+  TORCH_CHECK(activation >= 0 && activation <= 3, op, ": unknown activation ", activation);
+  TORCH_CHECK(inputs.dim() == 2, op, ": inputs must be 2-D, got ", inputs.sizes());
+  const int64_t C = inputs.size(1);
+  check_columns(identity_index, C, "identity_index");
+  check_columns(moving_index, C, "moving_index");
+  std::vector<char> seen(C, 0);
+  for (const Tensor* index : {&identity_index, &moving_index})
+    for (int64_t k = 0; k < index->numel(); ++k) seen[index->data_ptr<int64_t>()[k]] += 1;
+  TORCH_CHECK(std::all_of(seen.begin(), seen.end(), [](char n) { return n == 1; }), op,
+              ": the identity and moving columns must cover each of the inputs' ", C, " columns once");
+  const std::vector<Tensor> contexts(weights.size(), inputs.new_empty(0));
+  const MadeNet net = describe_net(inputs, weights, {}, {}, {}, biases, contexts, layer_info, /*need_sorted=*/false,
+                                   identity_index.numel(), 2 * moving_index.numel());
+  const auto [b, c] = sorted_terms(biases, contexts, {});
+  std::vector<Tensor> saved(2 * net.weight.size(), inputs.new_empty(0));
+  Tensor outputs = at::empty_like(inputs), logabsdet = at::empty({inputs.size(0)}, inputs.options());
+  AT_DISPATCH_FLOATING_TYPES(inputs.scalar_type(), op, [&] {
+    const auto layers = kernel_layers<scalar_t>(net, b, c, saved);
+    MadeForwardArgs<scalar_t> a;
+    a.batch = inputs.size(0);
+    a.features = identity_index.numel();
+    a.num_layers = static_cast<int64_t>(layers.size());
+    a.activation = static_cast<int>(activation);
+    a.epsilon = static_cast<scalar_t>(epsilon);
+    a.layers = layers.data();
+    a.save = false;
+    a.inputs = inputs.data_ptr<scalar_t>();
+    a.outputs = outputs.data_ptr<scalar_t>();
+    a.logabsdet = logabsdet.data_ptr<scalar_t>();
+    a.map = inverse ? MadeForwardArgs<scalar_t>::Map::coupling_inverse
+                    : MadeForwardArgs<scalar_t>::Map::coupling_forward;
+    a.coupled_features = C;
+    a.moving_features = moving_index.numel();
+    a.identity_index = identity_index.data_ptr<int64_t>();
+    a.moving_index = moving_index.data_ptr<int64_t>();
+    FL_DISPATCH_ISA(made_forward, a);
+  });
+  return {outputs, logabsdet};
+}
+
 }  // namespace
 
 }  // namespace fl
@@ -543,6 +649,13 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
       "made_backward(Tensor grad_outputs, Tensor grad_logabsdet, Tensor inputs, Tensor[] weights, Tensor[] masks, "
       "Tensor[] in_perms, Tensor[] out_perms, Tensor[] biases, Tensor[] contexts, int[] layer_info, "
       "Tensor[] saved, int activation, float epsilon) -> (Tensor, Tensor[], Tensor[], Tensor[])");
+  // An affine coupling (forward or inverse) with its conditioner network fused: the network, a dense MADE
+  // (made_forward's weights, biases and layer_info, no masks), reads the inputs' identity columns and returns
+  // [shift; unconstrained scale] for the moving ones. Returns (outputs, logabsdet), the outputs in the inputs'
+  // column order. No autograd.
+  m.def(
+      "made_coupling_forward(Tensor inputs, Tensor identity_index, Tensor moving_index, Tensor[] weights, "
+      "Tensor[] biases, int[] layer_info, int activation, float epsilon, bool inverse) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fusedlayers, CPU, m) {
@@ -550,4 +663,5 @@ TORCH_LIBRARY_IMPL(fusedlayers, CPU, m) {
   m.impl("made_sorted_weight", &fl::made_sorted_weight_cpu);
   m.impl("made_forward", &fl::made_forward_cpu);
   m.impl("made_backward", &fl::made_backward_cpu);
+  m.impl("made_coupling_forward", &fl::made_coupling_forward_cpu);
 }

@@ -1,5 +1,5 @@
-"""Fake-tensor and autograd rules of the MADE ops (csrc/flows/made_ops.cpp). made_inverse has no autograd rule: it is
-called only when nothing needs gradients."""
+"""Fake-tensor and autograd rules of the MADE ops (csrc/flows/made_ops.cpp). made_inverse and
+made_coupling_forward have no autograd rule: they are called only when nothing needs gradients."""
 
 import torch
 
@@ -22,6 +22,12 @@ def _made_forward_fake(inputs, weights, masks, in_perms, out_perms, biases, cont
         pre = act_out and not (activation == 0 and residual < 0)  # relu' of a plain relu layer: from its output
         saved += [inputs.new_empty(batch, w.shape[0]), inputs.new_empty(batch if pre else 0, w.shape[0])]
     return inputs.new_empty(inputs.shape), inputs.new_empty(inputs.shape[0]), saved
+
+
+@torch.library.register_fake("fusedlayers::made_coupling_forward")
+def _made_coupling_forward_fake(inputs, identity_index, moving_index, weights, biases, layer_info, activation, epsilon,
+                                inverse):
+    return inputs.new_empty(inputs.shape), inputs.new_empty(inputs.shape[0])
 
 
 @torch.library.register_fake("fusedlayers::made_backward")
