@@ -273,3 +273,96 @@ def test_op_rejects_bad_columns():
         op(x, torch.tensor([0, 2, 4]), torch.tensor([1, 3, 6]), weights, biases, plan.info, plan.act, 1e-3, False)
     with pytest.raises(RuntimeError, match="wrong size"):
         op(x, torch.tensor([0, 2]), torch.tensor([1, 3, 4, 5]), weights, biases, plan.info, plan.act, 1e-3, False)
+
+
+# Networks whose FX graph could be mistaken for a plain chain: each must give the as-built values, fused or not.
+class Chain(nn.Module):
+    def __init__(self, i, o, body):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(i, 16), nn.Linear(16, 16), nn.Linear(16, o)
+        self.drop, self.idt, self.body = nn.Dropout(0.5), nn.Identity(), body
+
+    def forward(self, x, context=None, residual=True):
+        return self.body(self, x, residual)
+
+
+def _aliased_update(m, x, residual):
+    y = m.l1(x)
+    z = y
+    y += m.l2(y)  # FX records y + t; as built, z sees the update
+    return m.l3(z)
+
+
+def _inplace_relu_input(m, x, residual):
+    return m.l3(m.l2(m.l1(F.relu(x, inplace=True))))
+
+
+CHAINS = {
+    "dropout-hides-second-use": (lambda m, x, r: m.l3(m.l2(torch.relu(m.drop(m.l1(x)))) + m.l1(x)), None),
+    "relu-then-residual-through-dropout": (lambda m, x, r: (lambda h: m.l3(m.l2(torch.relu(m.drop(h))) + h))(
+        m.l1(x)), None),
+    "identity-then-double-residual": (lambda m, x, r: (lambda h1: (lambda h2: m.l3(m.l2(m.idt(h2) + h1) + h2))(
+        m.l2(h1)))(m.l1(x)), None),
+    "aliased-in-place-update": (_aliased_update, False),
+    "in-place-relu-on-input": (_inplace_relu_input, False),
+    "default-flag-argument": (lambda m, x, r: m.l3(m.l2(m.l1(x)) + m.l1(x)) if r else m.l3(m.l1(x)), None),
+}
+
+
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_graphs_that_resemble_chains(name):
+    body, fused = CHAINS[name]
+    ref, ours = pair(fl.alternating_mask(6), lambda i, o: Chain(i, o, body), torch.float64)
+    x = torch.randn(11, 6, dtype=torch.float64)
+    if fused is not None:
+        assert (plan_of(ours.transform_net) is not None) == fused
+    with torch.no_grad():
+        for method in ("forward", "inverse"):
+            ref_out, ref_lad = getattr(ref, method)(x.clone())
+            our_out, our_lad = getattr(ours, method)(x.clone())
+            torch.testing.assert_close(our_out, ref_out, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(our_lad, ref_lad, rtol=1e-12, atol=1e-12)
+
+
+class MaskedOut(nn.Linear):
+    """A Linear subclass with its own forward: not fused as a plain Linear."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight * 0.5, self.bias)
+
+
+@pytest.mark.parametrize("change", ["elu-alpha", "gelu-tanh", "inplace", "subclass", "non-contiguous",
+                                    "training-flag"])
+def test_state_changed_after_first_call(change):
+    create = {"elu-alpha": sequential(nn.ELU), "gelu-tanh": sequential(nn.GELU)}.get(change, sequential(nn.ReLU))
+    ref, ours = pair(fl.alternating_mask(6), create, torch.float64)
+    x = torch.randn(9, 6, dtype=torch.float64)
+    assert_same(ref, ours, x, torch.float64)
+    for model in (ref, ours):
+        seq = model.transform_net.net
+        if change == "elu-alpha":
+            seq[1].alpha = 2.0
+        elif change == "gelu-tanh":
+            seq[1].approximate = "tanh"
+        elif change == "inplace":
+            seq[1].inplace = True
+        elif change == "subclass":
+            old = seq[2]
+            seq[2] = MaskedOut(16, 16).double()
+            seq[2].load_state_dict(old.state_dict())
+        elif change == "non-contiguous":
+            seq[0].weight = nn.Parameter(seq[0].weight.detach().t().contiguous().t())
+        else:
+            seq.training_flag_for_test = True  # a plain attribute a forward could test
+    assert_same(ref, ours, x, torch.float64, fused=change in ("training-flag", "non-contiguous"))
+
+
+def test_bare_sequential_raises_as_in_nflows():
+    ref, ours = pair(fl.alternating_mask(6), lambda i, o: nn.Sequential(nn.Linear(i, 8), nn.ReLU(), nn.Linear(8, o)))
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        with pytest.raises(TypeError) as theirs:
+            ref(x)
+        with pytest.raises(TypeError) as mine:
+            ours(x)
+    assert str(theirs.value) == str(mine.value)

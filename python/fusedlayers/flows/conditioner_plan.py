@@ -20,25 +20,38 @@ from .made_plan import activation_code
 
 _op = torch.ops.fusedlayers.made_coupling_forward
 
-# Modules that pass their input through unchanged when they are inactive (checked on every call).
+# The module types the fused op runs, by exact type: a subclass may do anything in its own forward (nflows'
+# MaskedLinear masks its weight). Pass-through modules are inactive dropouts and identities.
+_ACTIVATION_MODULES = (nn.ReLU, nn.Tanh, nn.ELU, nn.GELU)
 _PASSTHROUGH_MODULES = (nn.Dropout, nn.Identity)
+
+
+def _is_linear(m) -> bool:
+    from ..nn.linear import Linear  # the package's nn imports its flows-free modules only: no cycle at import
+    return type(m) in (nn.Linear, Linear)
+
+
+def _is_passthrough(m) -> bool:
+    return type(m) in _PASSTHROUGH_MODULES
 
 
 class _Tracer(torch.fx.Tracer):
     """Linear layers and activation modules stay whole (fusedlayers' own Linear subclass included)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nn.Linear, nn.ReLU, nn.Tanh, nn.ELU, nn.GELU, *_PASSTHROUGH_MODULES)) or \
-            super().is_leaf_module(m, qualname)
+        return (_is_linear(m) or type(m) in _ACTIVATION_MODULES or _is_passthrough(m)
+                or super().is_leaf_module(m, qualname))
 
 
 def _function_activation(node: torch.fx.Node) -> int | None:
-    """The activation code of a call_function node that applies one to its single tensor argument."""
+    """The activation code of a call_function node that applies one to its single tensor argument, out of
+    place (an in-place one changes a tensor that other nodes may read: FX does not record that)."""
     code = activation_code(node.target)
     if code is None or len(node.args) != 1:
         return None
     kwargs = dict(node.kwargs)
-    kwargs.pop("inplace", None)
+    if kwargs.pop("inplace", False):
+        return None
     if code == 2 and kwargs.pop("alpha", 1.0) != 1.0:
         return None
     if code == 3 and kwargs.pop("approximate", "none") != "none":
@@ -70,7 +83,8 @@ class ConditionerPlan:
         needs_grad = grad and inputs.requires_grad
         for lin in self.linears:
             w, b = lin.weight, lin.bias
-            if w.dtype != inputs.dtype or w.device.type != "cpu" or (b is not None and b.dtype != w.dtype):
+            if (w.dtype != inputs.dtype or w.device.type != "cpu" or not w.is_contiguous()
+                    or (b is not None and (b.dtype != w.dtype or not b.is_contiguous()))):
                 return False
             needs_grad = needs_grad or (grad and (w.requires_grad or (b is not None and b.requires_grad)))
         return (not needs_grad and identity_features == self.in_features
@@ -93,10 +107,20 @@ class ConditionerPlan:
 
 
 def _trace(net: nn.Module) -> torch.fx.Graph | None:
+    """net's graph as nflows calls it, net(inputs, context) with context None and any later parameter at its
+    default; None where that call would not bind (nflows' call raises) or FX cannot trace it."""
     import inspect
     try:
-        params = list(inspect.signature(net.forward).parameters)
-        concrete = {name: None for name in params[1:]}  # the context (and anything after it) left None
+        signature = inspect.signature(net.forward)
+        signature.bind(object(), None)
+        params = list(signature.parameters.values())
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+            return None
+        concrete = {params[1].name: None}
+        for p in params[2:]:
+            if p.default is p.empty:
+                return None
+            concrete[p.name] = p.default
         return _Tracer().trace(net, concrete_args=concrete)
     except Exception:  # noqa: BLE001 - any network FX cannot trace simply runs as built
         return None
@@ -109,6 +133,7 @@ def compile_conditioner(net: nn.Module) -> ConditionerPlan | None:
         return None
     modules = dict(net.named_modules())
     nodes = [n for n in graph.nodes]
+    order = {n: k for k, n in enumerate(nodes)}
     placeholders = [n for n in nodes if n.op == "placeholder"]
     if not placeholders:
         return None
@@ -124,7 +149,7 @@ def compile_conditioner(net: nn.Module) -> ConditionerPlan | None:
         """The nodes reading node's value, looking through pass-through modules."""
         out = []
         for user in node.users:
-            if user.op == "call_module" and isinstance(modules.get(user.target), _PASSTHROUGH_MODULES):
+            if user.op == "call_module" and _is_passthrough(modules.get(user.target)):
                 out += consumers(user)
             else:
                 out.append(user)
@@ -133,7 +158,9 @@ def compile_conditioner(net: nn.Module) -> ConditionerPlan | None:
     def activation_of(node) -> int | None:
         if node.op == "call_module":
             m = modules.get(node.target)
-            return activation_code(m) if isinstance(m, (nn.ReLU, nn.Tanh, nn.ELU, nn.GELU)) else None
+            if type(m) not in _ACTIVATION_MODULES or getattr(m, "inplace", False):
+                return None
+            return activation_code(m)
         if node.op == "call_function":
             return _function_activation(node)
         if node.op == "call_method" and node.target in ("relu", "tanh") and len(node.args) == 1:
@@ -157,16 +184,13 @@ def compile_conditioner(net: nn.Module) -> ConditionerPlan | None:
         if node.op == "output":
             output = node.args[0]
             break
-        if node.op == "call_module" and isinstance(modules.get(node.target), _PASSTHROUGH_MODULES):
-            if len(node.args) != 1 or node.args[0] not in value:
+        if node.op == "call_module" and _is_passthrough(modules.get(node.target)):
+            if len(node.args) != 1 or node.kwargs or node.args[0] not in value:
                 return None
             passthrough.append(modules[node.target])
-            value[node] = value[node.args[0]]
-            kind, buf = value[node]
-            if kind == "buf" and producer.get(buf) is node.args[0]:
-                producer[buf] = node
+            value[node] = value[node.args[0]]  # consumers() looks through it to the producer's other readers
             continue
-        if node.op == "call_module" and isinstance(modules.get(node.target), nn.Linear):
+        if node.op == "call_module" and _is_linear(modules.get(node.target)):
             lin = modules[node.target]
             if len(node.args) != 1 or node.kwargs or node.args[0] not in value:
                 return None
@@ -201,6 +225,10 @@ def compile_conditioner(net: nn.Module) -> ConditionerPlan | None:
             a, b = node.args
             if a not in value or b not in value or value[a][0] != "buf" or value[b][0] != "buf":
                 return None
+            # FX records `y += t` as y + t: if an operand is read again after the sum, the network may have
+            # meant the updated tensor. Such a chain runs as built.
+            if any(order[user] > order[node] for operand in (a, b) for user in consumers(operand)):
+                return None
             (_, ba), (_, bb) = value[a], value[b]
             last, other = (ba, bb) if latest_layer_alone(ba, node) else (bb, ba)
             row = 4 * (last - 1)
@@ -218,26 +246,38 @@ def compile_conditioner(net: nn.Module) -> ConditionerPlan | None:
     return ConditionerPlan(linears, info, act_kind[0] if act_kind else 0, units[0], passthrough)
 
 
-def _structure(net: nn.Module) -> tuple[tuple[int, ...], bool]:
-    """The ids of net's modules and whether any has a forward hook, in one walk over the module dicts
+def _state(m: nn.Module) -> tuple:
+    """What a trace may have read of a module besides its tensors: its training flag and its plain attributes
+    (an activation's alpha or approximation, a dropout's p, a flag that its forward tests)."""
+    return (id(m), m.training, tuple(item for item in m.__dict__.items()
+                                     if type(item[1]) in (bool, int, float, str, type(None))))
+
+
+def _structure(net: nn.Module) -> tuple[tuple, bool]:
+    """The state of net's modules and whether any has a forward hook, in one walk over the module dicts
     (Module.modules() builds a name for every module: a third of a small coupling's Python time)."""
-    ids, hooked, stack = [], False, [net]
+    key, hooked, stack = [], False, [net]
     while stack:
         m = stack.pop()
-        ids.append(id(m))
+        key.append(_state(m))
         hooked = hooked or bool(m._forward_hooks) or bool(m._forward_pre_hooks)
         stack.extend(child for child in m._modules.values() if child is not None)
-    return tuple(ids), hooked
+    return tuple(key), hooked
+
+
+_PLANS_PER_NET = 4  # a few states at once, such as a network switched between training and evaluation
 
 
 def plan_of(net: nn.Module) -> ConditionerPlan | None:
-    """compile_conditioner, once per network structure; None also while a forward hook is on any of its
-    modules, or on all modules (the fused op would skip it)."""
+    """compile_conditioner, once per state of the network's modules (see _state); None also while a forward
+    hook is on any of its modules, or on all modules (the fused op would skip it)."""
     key, hooked = _structure(net)
-    cached = net.__dict__.get("_fused_conditioner")
-    if cached is None or cached[0] != key:
-        cached = (key, compile_conditioner(net), tuple(net.modules()))  # modules kept alive: ids stay unique
-        net.__dict__["_fused_conditioner"] = cached
-    if cached[1] is None or hooked or _global_hooks._global_forward_hooks or _global_hooks._global_forward_pre_hooks:
+    plans = net.__dict__.setdefault("_fused_conditioner", {})
+    if key not in plans:
+        if len(plans) >= _PLANS_PER_NET:
+            plans.clear()
+        plans[key] = (compile_conditioner(net), tuple(net.modules()))  # modules kept alive: ids stay unique
+    if plans[key][0] is None or hooked or _global_hooks._global_forward_hooks \
+            or _global_hooks._global_forward_pre_hooks:
         return None
-    return cached[1]
+    return plans[key][0]
