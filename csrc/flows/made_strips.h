@@ -103,12 +103,26 @@ namespace made_strip_detail {
 // Which of a strip's columns exist: the last strip of a layer may be partial.
 struct Columns {
   bool full = true;
+  bool half = false;  // none in the upper vector: no FMAs there (a MAF output layer of 16 units for D = 8)
   strip_detail::LaneMask lo, hi;
   explicit Columns(int64_t cols)
       : full(cols == kStripColumns),
+        half(cols <= strip_detail::kVecFloats),
         lo(strip_detail::first_lanes(cols)),
         hi(strip_detail::first_lanes(cols - strip_detail::kVecFloats)) {}
 };
+
+// lo[r] += A[r, 0:K] times the strip's lower vector of columns, r < kRows.
+template <int kRows>
+__attribute__((always_inline)) inline void fma_rows_lower(int64_t K, const float* A, int64_t lda, const float* B,
+                                                          int64_t ldb, strip_detail::Vec (&lo)[kRows]) {
+  using namespace strip_detail;
+  for (int64_t k = 0; k < K; ++k) {
+    const Vec b_lo = vload(B + k * ldb);
+#pragma GCC unroll 16
+    for (int r = 0; r < kRows; ++r) lo[r] = vfma(vbroadcast(A + r * lda + k), b_lo, lo[r]);
+  }
+}
 
 // How a tile's accumulators start: from a row of kStripColumns floats (a bias or zeros), or from C.
 enum class Start { row, c };
@@ -139,7 +153,10 @@ inline void tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t
       hi[r] = vmaskload(C + r * ldc + kVecFloats, cols.hi);
     }
   }
-  strip_detail::fma_rows<kRows>(K, A, lda, B, ldb, lo, hi);
+  if (cols.half)
+    fma_rows_lower<kRows>(K, A, lda, B, ldb, lo);
+  else
+    strip_detail::fma_rows<kRows>(K, A, lda, B, ldb, lo, hi);
   if (relu) {  // max(0, x) returns x where x is NaN, as torch.relu does
     const Vec zero = vzero();
 #pragma GCC unroll 16
