@@ -109,6 +109,26 @@ def test_linear_matches_torch_and_passes_checks(dtype, bias):
         assert torch.autograd.gradcheck(fusedlayers.functional.linear, args)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_without_input_gradient(bias):
+    # An input that needs no gradient (a first layer's): the backward skips its product, weight and bias
+    # gradients as torch's.
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(33, 70, bias=bias, dtype=torch.float64)
+    ours = fusedlayers.nn.Linear(33, 70, bias=bias, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 40, 33, dtype=torch.float64)
+    g = torch.randn(5, 40, 70, dtype=torch.float64)
+    expected = torch.autograd.grad(ref(x), list(ref.parameters()), g)
+    actual = torch.autograd.grad(ours(x), list(ours.parameters()), g)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, **TOL)
+    gi, gw, gb = torch.ops.fusedlayers.linear_backward(g, x, ours.weight.detach(), bias, False)
+    assert gi.numel() == 0
+    torch.testing.assert_close(gw, expected[0], **TOL)
+    torch.library.opcheck(torch.ops.fusedlayers.linear_backward, (g, x, ours.weight.detach(), bias, False))
+
+
 @pytest.mark.parametrize("in_features, out_features, shape", [(0, 4, (3, 0)), (0, 4, (2, 3, 0)), (0, 4, (0,)),
                                                               (5, 0, (3, 5))])
 @pytest.mark.parametrize("bias", [True, False])

@@ -64,8 +64,10 @@ Tensor linear_cpu(const Tensor& input, const Tensor& weight, const std::optional
   return y.view(out_shape);
 }
 
+// Gradients of x, W and b; the input's only where input_grad (a first layer's input seldom needs one: its
+// product is a third of the backward).
 std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_out, const Tensor& input,
-                                                       const Tensor& weight, bool bias_grad) {
+                                                       const Tensor& weight, bool bias_grad, bool input_grad) {
   check_linear(input, weight, std::nullopt);
   const int64_t K = weight.size(1), N = weight.size(0);
   const Tensor x = input.reshape({-1, K}).contiguous();
@@ -73,12 +75,13 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_out, c
   const Tensor w = weight.contiguous();
   const int64_t M = x.size(0);
   TORCH_CHECK(g.size(0) == M, "linear_backward: grad_out must have the output's shape");
-  Tensor grad_input = at::empty({M, K}, x.options());
+  Tensor grad_input = at::empty({input_grad ? M : 0, K}, x.options());
   Tensor grad_weight = at::empty({N, K}, x.options());
   Tensor grad_bias = at::empty({bias_grad ? N : 0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_backward", [&] {
     using T = scalar_t;
-    gemm_parallel(M, K, N, g.data_ptr<T>(), N, w.data_ptr<T>(), K, grad_input.data_ptr<T>(), K, false);
+    if (input_grad)
+      gemm_parallel(M, K, N, g.data_ptr<T>(), N, w.data_ptr<T>(), K, grad_input.data_ptr<T>(), K, false);
     // g transposed, rows padded off multiples of 512 bytes: at a 4 KiB stride every row of a transposed tile
     // would land in the same cache set.
     const int64_t ld = (M * int64_t(sizeof(T))) % 512 == 0 ? M + 64 / int64_t(sizeof(T)) : M;
@@ -89,19 +92,20 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_out, c
       FL_DISPATCH_ISA(transposed_copy, M, c1 - c0, g.data_ptr<T>() + c0, N, g_t.data_ptr<T>() + c0 * ld, ld);
     });
     gemm_parallel(N, K, M, g_t.data_ptr<T>(), ld, x.data_ptr<T>(), K, grad_weight.data_ptr<T>(), K, false);
-    if (bias_grad) {
-      const T* gt = g_t.data_ptr<T>();
+    if (bias_grad) {  // column sums of g, the rows added in order: a loop over columns runs in vector lanes (a
+      // sum along each row of g^T was one dependent add per element)
+      const T* gp = g.data_ptr<T>();
       T* gb = grad_bias.data_ptr<T>();
-      parallel_for(N, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n) {
-          T acc = 0;
-          for (int64_t m = 0; m < M; ++m) acc += gt[n * ld + m];
-          gb[n] = acc;
-        }
+      constexpr int64_t kBlock = 256;
+      parallel_for((N + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+        const int64_t c0 = begin * kBlock, c1 = std::min(N, end * kBlock);
+        std::fill(gb + c0, gb + c1, T(0));
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = c0; n < c1; ++n) gb[n] += gp[m * N + n];
       });
     }
   });
-  return {grad_input.view(input.sizes()), grad_weight, grad_bias};
+  return {input_grad ? grad_input.view(input.sizes()) : grad_input, grad_weight, grad_bias};
 }
 
 }  // namespace
@@ -109,7 +113,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_out, c
 
 TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("linear_backward(Tensor grad_out, Tensor input, Tensor weight, bool bias_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_backward(Tensor grad_out, Tensor input, Tensor weight, bool bias_grad, bool input_grad=True) -> "
+        "(Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fusedlayers, CPU, m) {
