@@ -248,6 +248,29 @@ def test_fused_forward_gradcheck():
     assert torch.autograd.gradcheck(lambda a: t2(a), (torch.randn(6, 4, dtype=torch.float64, requires_grad=True),))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_parameter_gradients_without_an_input_gradient(dtype, compiled):
+    # x that needs no gradient: the backward skips the first layer's dA; the parameters' gradients are those of
+    # a call where x needs one, and x's gradient there is still right.
+    t = make_transform(5, context_features=2).to(dtype)
+    x = torch.randn(40, 5, dtype=dtype)
+    context = torch.randn(40, 2, dtype=dtype, requires_grad=True)
+    run = torch.compile(t, fullgraph=True, backend="aot_eager") if compiled else t
+
+    def grads(inputs):
+        y, lad = run(inputs, context)
+        loss = (y.pow(2).sum(1) - lad).sum()
+        wanted = [p for p in t.parameters()] + [context] + ([inputs] if inputs.requires_grad else [])
+        return torch.autograd.grad(loss, wanted)
+
+    without = grads(x)
+    with_x = grads(x.clone().requires_grad_())
+    tol = TOL if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for a, b in zip(without, with_x):
+        torch.testing.assert_close(a, b, **tol)
+
+
 def test_fused_forward_is_taken_and_falls_back():
     t = make_transform(3)
     calls = []

@@ -390,20 +390,23 @@ void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accum
       input = activated;
     }
     fast_transpose(rows, in, input, in, input_t, rows);
+    // The inputs' gradient: not for a layer that reads x when x needs none (the products' last sixth or so).
+    const bool input_grad = y.src != 0 || a.grad_inputs != nullptr;
     const bool strips = st.on;
     if constexpr (std::is_same_v<T, float>)
       if (strips) {
         made_strip_weight_grad(rows, input_t, dz, out, st.grads[l], acc.strips.data() + st.grad_offset[l], true,
                                scratch.data() + 3 * in * rows);
-        made_strip_product(rows, dz, out, st.inputs[l], y.input_strips, nullptr, da, in);
+        if (input_grad) made_strip_product(rows, dz, out, st.inputs[l], y.input_strips, nullptr, da, in);
       }
     if (!strips) std::fill(da, da + rows * in, T(0));
     for (int64_t c0 = 0; c0 < out && !strips; c0 += kColumnBlock) {
       const int64_t c1 = std::min(out, c0 + kColumnBlock), k = y.extent[c1 - 1];
       if (k == 0) continue;
       gemm(k, c1 - c0, rows, input_t, rows, dz + c0, out, acc.weight_t[l].data() + c0, out, true);
-      gemm(rows, k, c1 - c0, dz + c0, out, y.weight + c0 * in, in, da, in, true);
+      if (input_grad) gemm(rows, k, c1 - c0, dz + c0, out, y.weight + c0 * in, in, da, in, true);
     }
+    if (!input_grad) continue;
     T* dsrc = grads[y.src].data();
     if (!y.act_in)
       add_into(dsrc, da, rows * in);
@@ -412,7 +415,7 @@ void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accum
     else
       for (int64_t e = 0; e < rows * in; ++e) dsrc[e] += da[e] * made_activation_grad(act, src[e]);
   }
-  std::copy(grads[0].begin(), grads[0].end(), a.grad_inputs + n0 * D);
+  if (a.grad_inputs) std::copy(grads[0].begin(), grads[0].end(), a.grad_inputs + n0 * D);
 }
 
 template <typename T>

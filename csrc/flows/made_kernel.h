@@ -101,7 +101,7 @@ struct MadeBackwardArgs {
   const T* inputs = nullptr;
   const T* grad_outputs = nullptr;    // [batch, features]
   const T* grad_logabsdet = nullptr;  // [batch]
-  T* grad_inputs = nullptr;           // [batch, features]
+  T* grad_inputs = nullptr;           // [batch, features], or null: x needs no gradient (its layer's dA is skipped)
   T* const* grad_weight = nullptr;    // per layer [out_units, in_units], sorted
   T* const* grad_bias = nullptr;      // per layer [out_units] or null
   T* const* grad_context = nullptr;   // per layer [batch, out_units] or null

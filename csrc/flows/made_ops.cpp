@@ -486,7 +486,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> made_forward_cpu(
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> made_backward_cpu(
     const Tensor& grad_outputs, const Tensor& grad_logabsdet, const Tensor& inputs, at::TensorList weights,
     at::TensorList masks, at::TensorList in_perms, at::TensorList out_perms, at::TensorList biases,
-    at::TensorList contexts, at::IntArrayRef layer_info, at::TensorList saved, int64_t activation, double epsilon) {
+    at::TensorList contexts, at::IntArrayRef layer_info, at::TensorList saved, int64_t activation, double epsilon,
+    bool input_grad) {
   const MadeNet net = describe_net(inputs, weights, masks, in_perms, out_perms, biases, contexts, layer_info,
                                    /*need_sorted=*/true);
   const int64_t N = inputs.size(0), L = static_cast<int64_t>(weights.size());
@@ -496,7 +497,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
   const Tensor go = grad_outputs.to(inputs.scalar_type()).contiguous();
   const Tensor gl = grad_logabsdet.to(inputs.scalar_type()).contiguous();
   TORCH_CHECK(go.sizes() == inputs.sizes() && gl.numel() == N, "made_backward: gradients of the wrong shape");
-  Tensor grad_inputs = at::empty_like(inputs);
+  Tensor grad_inputs = input_grad ? at::empty_like(inputs) : inputs.new_empty({0, inputs.size(1)});
   std::vector<Tensor> grad_wt, grad_b, grad_ctx;
   for (int64_t l = 0; l < L; ++l) {
     grad_wt.push_back(at::empty({net.out_units[l], net.in_units[l]}, inputs.options()));
@@ -521,7 +522,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
     a.inputs = inputs.data_ptr<scalar_t>();
     a.grad_outputs = go.data_ptr<scalar_t>();
     a.grad_logabsdet = gl.data_ptr<scalar_t>();
-    a.grad_inputs = grad_inputs.data_ptr<scalar_t>();
+    a.grad_inputs = input_grad ? grad_inputs.data_ptr<scalar_t>() : nullptr;
     a.grad_weight = dwt.data();
     a.grad_bias = db.data();
     a.grad_context = dctx.data();
@@ -648,7 +649,8 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   m.def(
       "made_backward(Tensor grad_outputs, Tensor grad_logabsdet, Tensor inputs, Tensor[] weights, Tensor[] masks, "
       "Tensor[] in_perms, Tensor[] out_perms, Tensor[] biases, Tensor[] contexts, int[] layer_info, "
-      "Tensor[] saved, int activation, float epsilon) -> (Tensor, Tensor[], Tensor[], Tensor[])");
+      "Tensor[] saved, int activation, float epsilon, bool input_grad=True) -> (Tensor, Tensor[], Tensor[], "
+      "Tensor[])");
   // An affine coupling (forward or inverse) with its conditioner network fused: the network, a dense MADE
   // (made_forward's weights, biases and layer_info, no masks), reads the inputs' identity columns and returns
   // [shift; unconstrained scale] for the moving ones. Returns (outputs, logabsdet), the outputs in the inputs'

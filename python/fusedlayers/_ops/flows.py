@@ -32,8 +32,9 @@ def _made_coupling_forward_fake(inputs, identity_index, moving_index, weights, b
 
 @torch.library.register_fake("fusedlayers::made_backward")
 def _made_backward_fake(grad_outputs, grad_logabsdet, inputs, weights, masks, in_perms, out_perms, biases, contexts,
-                        layer_info, saved, activation, epsilon):
-    return (inputs.new_empty(inputs.shape), [w.new_empty(w.shape) for w in weights],
+                        layer_info, saved, activation, epsilon, input_grad=True):
+    grad_inputs = inputs.new_empty(inputs.shape) if input_grad else inputs.new_empty(0, inputs.shape[1])
+    return (grad_inputs, [w.new_empty(w.shape) for w in weights],
             [inputs.new_empty(b.shape) for b in biases], [inputs.new_empty(c.shape) for c in contexts])
 
 
@@ -57,10 +58,11 @@ def _forward_backward(ctx, grad_outputs, grad_logabsdet, _grad_saved):
         grad_outputs = torch.zeros_like(x)
     if grad_logabsdet is None:
         grad_logabsdet = x.new_zeros(x.shape[0])
+    input_grad = ctx.needs_input_grad[0]
     gx, gw, gb, gc = torch.ops.fusedlayers.made_backward(grad_outputs.contiguous(), grad_logabsdet.contiguous(), x,
-                                                        *groups, layer_info, saved, activation, epsilon)
+                                                        *groups, layer_info, saved, activation, epsilon, input_grad)
     # Each Tensor[] argument takes a list of gradients (empty ones for absent biases and contexts).
-    return gx, gw, [None] * n, [None] * n, [None] * n, gb, gc, None, None, None, None
+    return gx if input_grad else None, gw, [None] * n, [None] * n, [None] * n, gb, gc, None, None, None, None
 
 
 torch.library.register_autograd("fusedlayers::made_forward", _forward_backward,

@@ -322,6 +322,7 @@ class _EagerForward(torch.autograd.Function):
             grad_outputs = torch.zeros_like(x)
         if grad_logabsdet is None:
             grad_logabsdet = x.new_zeros(x.shape[0])
+        input_grad = ctx.needs_input_grad[1]
         gx, gw, gb, gc = _backward_op(grad_outputs.contiguous(), grad_logabsdet.contiguous(), x, *lists, layer_info,
-                                      saved, activation, epsilon)
-        return None, gx, *gw, *([None] * (3 * n)), *gb, *gc
+                                      saved, activation, epsilon, input_grad)
+        return None, gx if input_grad else None, *gw, *([None] * (3 * n)), *gb, *gc
