@@ -1,6 +1,7 @@
 // The Python module fusedlayers._C. Loading it registers every op (TORCH_LIBRARY blocks in the *_ops.cpp
 // files); the pybind11 functions here report how the extension was built and what it runs with.
 #include "common/derived_cache.h"
+#include "common/reusable_tensor.h"
 #include "common/gemm.h"
 #include "common/isa.h"
 #include "common/parallel.h"
@@ -26,7 +27,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_built", [] { return false; });
   m.def("set_weight_cache_enabled", &fl::set_derived_cache_enabled, py::arg("enabled"));
   m.def("weight_cache_enabled", &fl::derived_cache_enabled);
-  m.def("clear_weight_cache", &fl::clear_derived_cache);
+  m.def("clear_weight_cache", [] {
+    fl::clear_derived_cache();
+    fl::clear_reusable_tensors();
+  });
   m.def("measure_peak_gflops", &fl::measure_peak_gflops, py::arg("kind") = "fp32", py::arg("threads") = 1,
         py::arg("seconds") = 1.0, py::call_guard<py::gil_scoped_release>(),
         "Measured multiply-add peak of this CPU in GFLOP/s over `threads` threads.");

@@ -4,6 +4,7 @@
 #include "flows/made_kernel.h"
 
 #include "common/derived_cache.h"
+#include "common/reusable_tensor.h"
 #include "common/transpose_dispatch.h"
 #include "common/gemm.h"
 #include "common/parallel.h"
@@ -455,10 +456,10 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> made_forward_cpu(
   const int64_t N = inputs.size(0), rows = save ? N : 0;
   std::vector<Tensor> saved;
   for (size_t l = 0; l < net.weight.size(); ++l) {
-    saved.push_back(at::empty({rows, net.out_units[l]}, inputs.options()));
+    saved.push_back(reusable_empty("made_forward:dst", {rows, net.out_units[l]}, inputs.options()));
     // A relu layer without residual saves no pre-activation: relu' is read from its output.
     const bool pre = net.act_out[l] && !(activation == 0 && net.residual[l] < 0);
-    saved.push_back(at::empty({pre ? rows : 0, net.out_units[l]}, inputs.options()));
+    saved.push_back(reusable_empty("made_forward:pre", {pre ? rows : 0, net.out_units[l]}, inputs.options()));
   }
   Tensor outputs = at::empty_like(inputs), logabsdet = at::empty({N}, inputs.options());
   std::atomic<bool> nonfinite{false};
