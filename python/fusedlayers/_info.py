@@ -29,5 +29,5 @@ def set_weight_cache_enabled(enabled: bool) -> None:
 
 
 def clear_weight_cache() -> None:
-    """Drops every cached repacked weight."""
+    """Drops every cached repacked weight, and the memory pooled for the MAF's saved activations."""
     _C.clear_weight_cache()
