@@ -27,6 +27,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_built", [] { return false; });
   m.def("set_weight_cache_enabled", &fl::set_derived_cache_enabled, py::arg("enabled"));
   m.def("weight_cache_enabled", &fl::derived_cache_enabled);
+  m.def("_pooled_bytes", &fl::reusable_pooled_bytes, "Bytes held by the pool of saved activations (tests).");
   m.def("clear_weight_cache", [] {
     fl::clear_derived_cache();
     fl::clear_reusable_tensors();

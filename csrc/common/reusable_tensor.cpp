@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -10,11 +11,23 @@ namespace fl {
 
 namespace {
 
-constexpr std::size_t kPerShape = 8;           // tensors kept per kind and shape (a flow's layers, all alive at once)
-constexpr int64_t kMaxBytes = int64_t(32) << 20;  // larger ones are the allocator's (mmap'd anyway)
+constexpr std::size_t kPerShape = 8;                // per kind and shape (a flow's layers, all alive at once)
+constexpr int64_t kMaxBytes = int64_t(32) << 20;    // larger tensors are the allocator's (mmap'd anyway)
+constexpr int64_t kMaxPooled = int64_t(64) << 20;   // in all: free buffers of other shapes (batch sizes that
+                                                    // came and went) are dropped, least recently used first
+
+struct Entry {
+  at::Tensor buffer;
+  uint64_t used;  // when it was last handed out
+};
 
 std::mutex pool_mutex;
-std::unordered_map<std::string, std::vector<at::Tensor>> pool;
+std::unordered_map<std::string, std::vector<Entry>> pool;
+int64_t pooled_bytes = 0;
+uint64_t clock_now = 0;
+
+int64_t bytes_of(const at::Tensor& t) { return static_cast<int64_t>(t.storage().nbytes()); }
+bool free_to_reuse(const at::Tensor& t) { return t.storage().use_count() == 1; }  // the pool's reference only
 
 std::string key_of(const std::string& kind, at::IntArrayRef sizes, const at::TensorOptions& options) {
   std::string key = kind + ":" + std::string(c10::toString(options.dtype()));
@@ -22,30 +35,60 @@ std::string key_of(const std::string& kind, at::IntArrayRef sizes, const at::Ten
   return key;
 }
 
+// Drops the least recently used free buffer; false when every pooled buffer is in use.
+bool drop_oldest_free() {
+  std::vector<Entry>* owner = nullptr;
+  std::size_t index = 0;
+  for (auto& [key, kept] : pool)
+    for (std::size_t i = 0; i < kept.size(); ++i)
+      if (free_to_reuse(kept[i].buffer) && (owner == nullptr || kept[i].used < (*owner)[index].used)) {
+        owner = &kept;
+        index = i;
+      }
+  if (owner == nullptr) return false;
+  pooled_bytes -= bytes_of((*owner)[index].buffer);
+  owner->erase(owner->begin() + static_cast<std::ptrdiff_t>(index));
+  return true;
+}
+
 }  // namespace
 
 at::Tensor reusable_empty(const std::string& kind, at::IntArrayRef sizes, const at::TensorOptions& options) {
   const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
   if (!options.device().is_cpu() || bytes == 0 || bytes > kMaxBytes) return at::empty(sizes, options);
-  const std::string key = key_of(kind, sizes, options);
-  std::lock_guard<std::mutex> lock(pool_mutex);
-  std::vector<at::Tensor>& kept = pool[key];
   // Each call gets a tensor of its own over pooled memory (fresh autograd and version records): while it, a view
   // of it or anything saved from it lives, the storage has more references than the pool's.
-  const auto handed_out = [&](const at::Tensor& pooled) {
-    return at::empty({0}, options).set_(pooled.storage(), 0, sizes);
+  const auto handed_out = [&](Entry& entry) {
+    entry.used = ++clock_now;
+    return at::empty({0}, options).set_(entry.buffer.storage(), 0, sizes);
   };
-  for (const at::Tensor& t : kept)
-    if (t.storage().use_count() == 1) return handed_out(t);
+  const std::string key = key_of(kind, sizes, options);
+  std::lock_guard<std::mutex> lock(pool_mutex);
+  std::vector<Entry>& kept = pool[key];
+  for (Entry& entry : kept)
+    if (free_to_reuse(entry.buffer)) return handed_out(entry);
   at::Tensor fresh = at::empty(sizes, options);
-  if (kept.size() >= kPerShape) kept.erase(kept.begin());
-  kept.push_back(fresh);
-  return handed_out(fresh);
+  if (kept.size() >= kPerShape) {  // the pool lets go of the oldest (its users keep their memory)
+    pooled_bytes -= bytes_of(kept.front().buffer);
+    kept.erase(kept.begin());
+  }
+  while (pooled_bytes + bytes > kMaxPooled && drop_oldest_free()) {
+  }
+  if (pooled_bytes + bytes > kMaxPooled) return fresh;  // everything pooled is in use: this one is not kept
+  pooled_bytes += bytes_of(fresh);
+  kept.push_back(Entry{fresh, 0});
+  return handed_out(kept.back());
+}
+
+int64_t reusable_pooled_bytes() {
+  std::lock_guard<std::mutex> lock(pool_mutex);
+  return pooled_bytes;
 }
 
 void clear_reusable_tensors() {
   std::lock_guard<std::mutex> lock(pool_mutex);
   pool.clear();
+  pooled_bytes = 0;
 }
 
 }  // namespace fl
