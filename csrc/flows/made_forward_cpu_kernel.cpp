@@ -114,7 +114,7 @@ struct SlabRows {
   std::vector<T*> dst, activated, pre;
   std::vector<std::vector<T>> own;
   std::vector<T> gathered;  // a coupling's identity columns
-  std::vector<T> epilogue;  // the affine map's scales and their logs
+  std::vector<T> epilogue;  // the affine map's scales and their logs (a coupling's: a row of moving values)
 
   void point(const MadeForwardArgs<T>& a, int64_t n0, int64_t kRows) {
     const auto L = static_cast<size_t>(a.num_layers);
@@ -252,13 +252,14 @@ void forward_slab(const MadeForwardArgs<T>& a, int64_t n0, int64_t rows, int64_t
   if (coupling) {  // params hold [shift; unconstrained scale] of the moving columns
     const int64_t M = a.moving_features, C = a.coupled_features;
     const bool inverse = a.map == MadeForwardArgs<T>::Map::coupling_inverse;
-    std::vector<T> moving(2 * M);
+    slab.epilogue.resize(2 * M);  // a row's moving values, then its outputs
+    T* moving = slab.epilogue.data();
     for (int64_t r = 0; r < rows; ++r) {
       const T* in = a.inputs + (n0 + r) * C;
       T* out = a.outputs + (n0 + r) * C;
       for (int64_t i = 0; i < M; ++i) moving[i] = in[a.moving_index[i]];
-      a.logabsdet[n0 + r] = coupling_row(moving.data(), params + r * 2 * M, params + r * 2 * M + M,
-                                         moving.data() + M, M, inverse, a.epsilon);
+      a.logabsdet[n0 + r] = coupling_row(moving, params + r * 2 * M, params + r * 2 * M + M, moving + M, M, inverse,
+                                         a.epsilon);
       for (int64_t i = 0; i < M; ++i) out[a.moving_index[i]] = moving[M + i];
       for (int64_t i = 0; i < D; ++i) out[a.identity_index[i]] = net_inputs[r * D + i];
     }

@@ -445,6 +445,24 @@ std::pair<std::vector<Tensor>, std::vector<Tensor>> sorted_terms(at::TensorList 
   return {b, c};
 }
 
+// The arguments both forward ops share: the network and where its inputs, outputs and log-dets live.
+template <typename T>
+MadeForwardArgs<T> forward_args(const std::vector<MadeLayer<T>>& layers, int64_t batch, int64_t features,
+                                int64_t activation, double epsilon, const Tensor& inputs, Tensor& outputs,
+                                Tensor& logabsdet) {
+  MadeForwardArgs<T> a;
+  a.batch = batch;
+  a.features = features;
+  a.num_layers = static_cast<int64_t>(layers.size());
+  a.activation = static_cast<int>(activation);
+  a.epsilon = static_cast<T>(epsilon);
+  a.layers = layers.data();
+  a.inputs = inputs.data_ptr<T>();
+  a.outputs = outputs.data_ptr<T>();
+  a.logabsdet = logabsdet.data_ptr<T>();
+  return a;
+}
+
 std::tuple<Tensor, Tensor, std::vector<Tensor>> made_forward_cpu(
     const Tensor& inputs, at::TensorList weights, at::TensorList masks, at::TensorList in_perms,
     at::TensorList out_perms, at::TensorList biases, at::TensorList contexts, at::IntArrayRef layer_info,
@@ -465,17 +483,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> made_forward_cpu(
   std::atomic<bool> nonfinite{false};
   AT_DISPATCH_FLOATING_TYPES(inputs.scalar_type(), "made_forward", [&] {
     const auto layers = kernel_layers<scalar_t>(net, b, c, saved);
-    MadeForwardArgs<scalar_t> a;
-    a.batch = N;
-    a.features = inputs.size(1);
-    a.num_layers = static_cast<int64_t>(layers.size());
-    a.activation = static_cast<int>(activation);
-    a.epsilon = static_cast<scalar_t>(epsilon);
-    a.layers = layers.data();
+    auto a = forward_args<scalar_t>(layers, N, inputs.size(1), activation, epsilon, inputs, outputs, logabsdet);
     a.save = save;
-    a.inputs = inputs.data_ptr<scalar_t>();
-    a.outputs = outputs.data_ptr<scalar_t>();
-    a.logabsdet = logabsdet.data_ptr<scalar_t>();
     a.nonfinite_inputs = &nonfinite;
     FL_DISPATCH_ISA(made_forward, a);
   });
@@ -600,17 +609,9 @@ std::tuple<Tensor, Tensor> made_coupling_forward_cpu(const Tensor& inputs, const
   Tensor outputs = at::empty_like(inputs), logabsdet = at::empty({inputs.size(0)}, inputs.options());
   AT_DISPATCH_FLOATING_TYPES(inputs.scalar_type(), op, [&] {
     const auto layers = kernel_layers<scalar_t>(net, b, c, saved);
-    MadeForwardArgs<scalar_t> a;
-    a.batch = inputs.size(0);
-    a.features = identity_index.numel();
-    a.num_layers = static_cast<int64_t>(layers.size());
-    a.activation = static_cast<int>(activation);
-    a.epsilon = static_cast<scalar_t>(epsilon);
-    a.layers = layers.data();
+    auto a = forward_args<scalar_t>(layers, inputs.size(0), identity_index.numel(), activation, epsilon, inputs,
+                                    outputs, logabsdet);
     a.save = false;
-    a.inputs = inputs.data_ptr<scalar_t>();
-    a.outputs = outputs.data_ptr<scalar_t>();
-    a.logabsdet = logabsdet.data_ptr<scalar_t>();
     a.map = inverse ? MadeForwardArgs<scalar_t>::Map::coupling_inverse
                     : MadeForwardArgs<scalar_t>::Map::coupling_forward;
     a.coupled_features = C;
