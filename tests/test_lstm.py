@@ -1045,6 +1045,26 @@ def test_lstm_layer_op_checks_its_arguments():
         call(b_hh=None)
 
 
+def test_lstm_layer_op_takes_states_with_a_leading_one():
+    # A one-layer stack passes its [1, B, *] states as they are: h_n, c_n and their gradients keep that shape.
+    args = layer_args([3, 2, 1], 3, 4, 2, True)
+    flat = dict(args)
+    stacked = dict(args, h0=args["h0"].detach().unsqueeze(0).requires_grad_(),
+                   c0=args["c0"].detach().unsqueeze(0).requires_grad_())
+    results = []
+    for a in (flat, stacked):
+        out, h_n, c_n = FL.lstm_layer(*a.values())
+        grads = torch.autograd.grad(out.sum() + h_n.sum() + 2 * c_n.sum(), [a["h0"], a["c0"]])
+        results.append((out, h_n, c_n, *grads))
+        assert h_n.shape == a["h0"].shape and c_n.shape == a["c0"].shape
+    for flat_t, stacked_t in zip(*results):
+        torch.testing.assert_close(stacked_t.reshape(flat_t.shape), flat_t, rtol=0, atol=0)
+    op = torch.ops.fusedlayers.lstm_layer
+    torch.library.opcheck(op, (*stacked.values(), False, True))
+    with pytest.raises(RuntimeError, match=r"h0 must have shape .*\(or \[1, 3, 2\]\), got \[2, 3, 2\]"):
+        op(*dict(args, h0=torch.zeros(2, 3, 2, dtype=torch.float64)).values(), False, False)
+
+
 # ------------------------------------------------------------------------------------------------ dtypes
 
 

@@ -29,6 +29,19 @@ void check_shape(const Tensor& t, const char* name, at::IntArrayRef expected, co
               ", got ", t.sizes());
 }
 
+// An initial state: [batch, size], or [1, batch, size] as a one-layer stack holds it (h_n and c_n then take the
+// same shape, which saves the caller a slice and an unsqueeze of every small call).
+void check_state(const Tensor& t, const char* name, at::ScalarType dtype, int64_t batch, int64_t size,
+                 const char* meaning) {
+  TORCH_CHECK(t.device().is_cpu(), "lstm_layer: ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "lstm_layer: ", name, " must have dtype ", dtype, " like input, got ",
+                   t.scalar_type());
+  const bool shape_ok = (t.dim() == 2 || (t.dim() == 3 && t.size(0) == 1)) && t.size(-2) == batch &&
+                        t.size(-1) == size;
+  TORCH_CHECK(shape_ok, "lstm_layer: ", name, " must have shape ", meaning, " = [", batch, ", ", size,
+              "] (or [1, ", batch, ", ", size, "]), got ", t.sizes());
+}
+
 struct Checked {
   LstmLayerSizes sizes;
   Tensor batch_sizes;  // int64, contiguous, CPU
@@ -81,11 +94,9 @@ Checked check_layer_args(const Tensor& input, const Tensor& batch_sizes, const T
     total += bs[t];
   }
   TORCH_CHECK(total == s.rows, "lstm_layer: batch_sizes must sum to input.size(0) = ", s.rows, ", got ", total);
-  s.batch = s.steps > 0 ? bs[0] : h0.size(0);
-  check_tensor(h0, "h0", 2, dtype);
-  check_tensor(c0, "c0", 2, dtype);
-  check_shape(h0, "h0", {s.batch, s.output_size}, "[batch, proj_size or hidden_size]");
-  check_shape(c0, "c0", {s.batch, s.hidden_size}, "[batch, hidden_size]");
+  s.batch = s.steps > 0 ? bs[0] : (h0.dim() >= 2 ? h0.size(-2) : 0);
+  check_state(h0, "h0", dtype, s.batch, s.output_size, "[batch, proj_size or hidden_size]");
+  check_state(c0, "c0", dtype, s.batch, s.hidden_size, "[batch, hidden_size]");
   return out;
 }
 
@@ -135,8 +146,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
   const auto opts = input.options();
   const auto state_opts = opts.dtype(input.scalar_type() == at::kBFloat16 ? at::kFloat : input.scalar_type());
   Tensor output = at::empty({s.rows, s.output_size}, opts);
-  Tensor h_n = at::empty({s.batch, s.output_size}, opts);
-  Tensor c_n = at::empty({s.batch, s.hidden_size}, opts);
+  Tensor h_n = at::empty(h0_.sizes(), opts);
+  Tensor c_n = at::empty(c0_.sizes(), opts);
   const int64_t state_size = at::elementSize(state_opts.dtype().toScalarType());
   Tensor gates = at::empty({train ? s.rows : 0, lstm_gates_stride(s.hidden_size, state_size)}, state_opts);
   if (gates.size(1) > 4 * s.hidden_size) gates.narrow(1, 4 * s.hidden_size, gates.size(1) - 4 * s.hidden_size).zero_();
@@ -200,8 +211,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   const Tensor gates = gates_.contiguous();
   const auto opts = input.options();
   Tensor grad_input = at::empty({s.rows, s.input_size}, opts);
-  Tensor grad_h0 = at::empty({s.batch, s.output_size}, opts);
-  Tensor grad_c0 = at::empty({s.batch, s.hidden_size}, opts);
+  Tensor grad_h0 = at::empty(h0_.sizes(), opts);
+  Tensor grad_c0 = at::empty(c0_.sizes(), opts);
   Tensor grad_w_ih = at::empty({4 * s.hidden_size, s.input_size}, opts);
   Tensor grad_w_hh = at::empty({4 * s.hidden_size, s.output_size}, opts);
   Tensor grad_bias = at::empty({has_bias ? 4 * s.hidden_size : 0}, opts);

@@ -26,14 +26,13 @@ def _lstm_layer_fake(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, r
                  lambda: "lstm_layer: w_ih must have shape [4 * hidden_size, input_size]")
     rows, hidden = input.shape[0], w_ih.shape[0] // 4
     out = w_hr.shape[0] if w_hr is not None else hidden
-    batch = h0.shape[0]
     kept = rows if train else 0
     state = _state_dtype(input.dtype)
     width = _gates_stride(hidden, torch.empty((), dtype=state).element_size())
     return (
         input.new_empty(rows, out),
-        input.new_empty(batch, out),
-        input.new_empty(batch, hidden),
+        input.new_empty(h0.shape),  # [batch, size] or [1, batch, size], as given
+        input.new_empty(c0.shape),
         input.new_empty(kept, width, dtype=state),
         input.new_empty(kept, hidden, dtype=state),
         input.new_empty(kept if w_hr is not None else 0, hidden, dtype=state),

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .._kept import kept
 from .base import Transform
 from .conditioner_plan import plan_of
 
@@ -134,7 +135,7 @@ class AffineCouplingTransform(Transform):
                self.transform_features._version)
         cached = self.__dict__.get("_positions")
         if cached is None or any(a is not b if isinstance(a, Tensor) else a != b for a, b in zip(cached[0], key)):
-            cached = (key, torch.argsort(torch.cat([self.identity_features, self.transform_features])))
+            cached = (key, kept(lambda: torch.argsort(torch.cat([self.identity_features, self.transform_features]))))
             self.__dict__["_positions"] = cached
         return cached[1]
 

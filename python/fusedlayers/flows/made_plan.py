@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._kept import kept
 from .made import MADE, MaskedFeedforwardBlock, MaskedResidualBlock
 
 _ACTIVATIONS = {F.relu: 0, torch.relu: 0, torch.tanh: 1, F.tanh: 1, F.elu: 2, F.gelu: 3}
@@ -77,7 +78,7 @@ _IDENTITIES: dict[int, Tensor] = {}
 
 def _identity(n: int) -> Tensor:
     if n not in _IDENTITIES:
-        _IDENTITIES[n] = torch.arange(n)
+        _IDENTITIES[n] = kept(lambda: torch.arange(n))
     return _IDENTITIES[n]
 
 
@@ -149,7 +150,7 @@ class _Layers:
         self.held = []  # (linear, weight, bias, mask, degrees, degrees' version) the lists were built from
 
     def add(self, linear, in_perm, out_perm, src, residual=-1, act_in=False, act_out=False, context=None) -> int:
-        none = linear.weight.new_empty(0)  # absent bias or context
+        none = kept(lambda: linear.weight.new_empty(0))  # absent bias or context
         self.held.append((linear, linear.weight, linear.bias, linear.mask, linear.degrees, linear.degrees._version))
         self.weights.append(linear.weight)
         self.masks.append(linear.mask)
@@ -190,7 +191,7 @@ class _Perms:
 
     def input_degrees(self, features: int) -> Tensor:
         if self.inputs is None or len(self.inputs) != features:
-            self.inputs = torch.arange(1, features + 1)
+            self.inputs = kept(lambda: torch.arange(1, features + 1))
         return self.inputs
 
     def offsets(self, degrees: Tensor, features: int) -> Tensor:
@@ -199,7 +200,7 @@ class _Perms:
             return _offsets(degrees[self.sort(degrees)], features)
         key = (id(degrees), degrees._version, features)
         if key not in self.offsets_by_degrees:
-            self.offsets_by_degrees[key] = (_offsets(degrees[self.sort(degrees)], features), degrees)
+            self.offsets_by_degrees[key] = (kept(lambda: _offsets(degrees[self.sort(degrees)], features)), degrees)
         return self.offsets_by_degrees[key][0]
 
     def sort(self, degrees: Tensor) -> Tensor:
@@ -207,7 +208,7 @@ class _Perms:
             return _sorted(degrees)
         key = (id(degrees), degrees._version)
         if key not in self.by_degrees:
-            self.by_degrees[key] = (_sorted(degrees), degrees)  # keeps degrees alive: ids stay unique
+            self.by_degrees[key] = (kept(lambda: _sorted(degrees)), degrees)  # keeps degrees alive: ids stay unique
         return self.by_degrees[key][0]
 
 

@@ -7,14 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._kept import kept
+
 _layer_op = torch.ops.fusedlayers.lstm_layer
 
 
 def _needs_grad(*tensors) -> bool:
     # A trace records one path for every later call (and torch.jit.trace's check reruns it without grad): the
     # differentiable one wherever an input could require grad, whatever the grad mode at trace time.
-    requires = any(t is not None and t.requires_grad for t in tensors)
-    return requires and (torch.is_grad_enabled() or torch.jit.is_tracing())
+    if not torch.is_grad_enabled() and not torch.jit.is_tracing():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def lstm_layer(input: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
@@ -23,9 +26,10 @@ def lstm_layer(input: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor, w_ih:
     """One LSTM layer in one direction over a packed sequence, with the whole time loop fused in C++.
 
     input: [N, input_size], the rows of every step stacked as in a PackedSequence (step t has batch_sizes[t]
-    rows, non-increasing). h0: [B, proj_size or hidden_size], c0: [B, hidden_size]; weights in torch's layout
-    and gate order (i, f, g, o). Returns (output [N, proj_size or hidden_size], h_n, c_n), where h_n and c_n hold
-    each sequence's state after its own last step.
+    rows, non-increasing). h0: [B, proj_size or hidden_size], c0: [B, hidden_size] (either may have a leading
+    dimension of 1); weights in torch's layout and gate order (i, f, g, o). Returns (output [N, proj_size or
+    hidden_size], h_n, c_n), where h_n and c_n hold each sequence's state after its own last step, in the shapes
+    of h0 and c0.
     """
     train = _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     args = (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, train)
@@ -90,9 +94,8 @@ def _lstm_packed(data: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor, para
         return out.half(), h_n.half(), c_n.half()
     num_directions = 2 if bidirectional else 1
     groups = _split_params(params, has_biases, num_layers, num_directions)
-    if len(groups) == 1:  # one layer, one direction: no list, no stack (a few us of a small call)
-        out, h_n, c_n = lstm_layer(data, batch_sizes, h0[0], c0[0], *groups[0])
-        return out, h_n.unsqueeze(0), c_n.unsqueeze(0)
+    if len(groups) == 1:  # one layer, one direction: the op takes and returns [1, B, *] states (no slices, no stack)
+        return lstm_layer(data, batch_sizes, h0, c0, *groups[0])
     layer_input = data
     h_last, c_last = [], []
     for layer in range(num_layers):
@@ -130,6 +133,25 @@ def lstm(input: Tensor, hx: tuple[Tensor, Tensor], params, has_biases: bool, num
 
 
 _BATCH_SIZES: dict[tuple[int, int], Tensor] = {}
+_ZERO_STATES: dict[tuple, tuple[Tensor, ...]] = {}
+
+
+def zero_states(shapes: tuple[tuple[int, ...], ...], like: Tensor) -> tuple[Tensor, ...]:
+    """Zero tensors of the given shapes with `like`'s dtype and device: the initial states when none are given.
+
+    The op only reads its initial states, so for plain tensors they are made once per shape (torch.zeros costs a
+    few us of a small call); traced, fake or subclassed inputs get fresh zeros, as the trace or the subclass
+    expects."""
+    if type(like) is not Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return tuple(like.new_zeros(shape) for shape in shapes)
+    key = (shapes, like.dtype, like.device)
+    zeros = _ZERO_STATES.get(key)
+    if zeros is None:
+        if len(_ZERO_STATES) >= 64:  # many batch sizes: keep the memo small
+            _ZERO_STATES.clear()
+        zeros = _ZERO_STATES[key] = kept(lambda: tuple(torch.zeros(shape, dtype=like.dtype, device=like.device)
+                                                       for shape in shapes))
+    return zeros
 
 
 def _constant_batch_sizes(steps: int, batch: int) -> Tensor:
@@ -141,7 +163,7 @@ def _constant_batch_sizes(steps: int, batch: int) -> Tensor:
     if sizes is None:
         if len(_BATCH_SIZES) >= 256:  # many shapes (varying sequence lengths): keep the memo small
             _BATCH_SIZES.clear()
-        sizes = _BATCH_SIZES[key] = torch.full((steps,), batch, dtype=torch.int64)
+        sizes = _BATCH_SIZES[key] = kept(lambda: torch.full((steps,), batch, dtype=torch.int64))
     return sizes
 
 

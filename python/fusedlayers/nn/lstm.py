@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import functional as FL
+from ..functional.lstm import zero_states
 
 
 def _permute(t: Tensor, permutation: Tensor | None) -> Tensor:
@@ -48,9 +49,7 @@ class LSTM(torch.nn.RNNBase):
     def _zero_state(self, batch: int, like: Tensor) -> tuple[Tensor, Tensor]:
         layers = self.num_layers * (2 if self.bidirectional else 1)
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        h = torch.zeros(layers, batch, out_size, dtype=like.dtype, device=like.device)
-        c = torch.zeros(layers, batch, self.hidden_size, dtype=like.dtype, device=like.device)
-        return h, c
+        return zero_states(((layers, batch, out_size), (layers, batch, self.hidden_size)), like)
 
     def _check_state_dims(self, hx, batched: bool) -> None:
         want = 3 if batched else 2
@@ -89,14 +88,15 @@ class LSTM(torch.nn.RNNBase):
             input = input.unsqueeze(batch_dim)
         if hx is not None and not isinstance(hx, Tensor) and len(hx) > 2:  # torch's check (fewer: IndexError)
             raise RuntimeError("lstm expects two hidden states")
-        if hx is None:
+        if hx is None:  # a state made to measure: only the input needs checking
+            self.check_input(input, None)
             hx = self._zero_state(input.size(batch_dim), input)
         else:
             self._check_state_dims(hx, batched)
             if not batched:
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        self.check_forward_args(input, hx, None)
-        self._check_state_dtypes(input, hx)
+            self.check_forward_args(input, hx, None)
+            self._check_state_dtypes(input, hx)
         if input.size(0 if not self.batch_first else 1) == 0:
             raise RuntimeError("LSTM: Expected sequence length to be larger than 0 in RNN")
         output, h_n, c_n = FL.lstm(input, hx, weights, self.bias, self.num_layers,
@@ -151,8 +151,7 @@ class LSTMCell(torch.nn.LSTMCell):
         if not batched:
             input = input.unsqueeze(0)
         if hx is None:
-            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
-            hx = (zeros, zeros)
+            hx = zero_states(((input.size(0), self.hidden_size),) * 2, input)
         elif not batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         self._check_cell_args(input, hx)
