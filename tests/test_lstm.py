@@ -201,6 +201,24 @@ def test_lstm_matches_torch(num_layers, bidirectional, batch_first, proj_size, b
     assert h_n.dtype == c_n.dtype == output_dtype(output) == dtype
 
 
+@pytest.mark.parametrize("hidden", [32, 264], ids=["h32", "h264_two_k_chunks"])
+@pytest.mark.parametrize("batch", [1, 3], ids=["b1", "b3"])
+def test_lstm_float32_small_batches_match_torch(batch, hidden):
+    # Float32 layers with hidden a multiple of 8 run the recurrent product on strip panels; at most 4 rows a
+    # step run it row by row, every other step backwards (inner dimension and blocks reversed). Bidirectional,
+    # so that both directions alternate; a float64 torch reference, so that only our rounding counts.
+    torch.manual_seed(3)
+    ref = torch.nn.LSTM(24, hidden, bidirectional=True, dtype=torch.float64)
+    ours = LSTM(24, hidden, bidirectional=True, dtype=torch.float32)
+    ours.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    x = torch.randn(9, batch, 24, dtype=torch.float64)
+    with torch.no_grad():
+        out, (h, c) = ours(x.float())
+        ref_out, (ref_h, ref_c) = ref(x)
+    for mine, theirs in ((out, ref_out), (h, ref_h), (c, ref_c)):
+        torch.testing.assert_close(mine.double(), theirs, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode", "eval_with_grad"])
 def test_lstm_without_autograd_matches_torch(grad_mode):
     # The forward without saved state (train=False in the op) must compute the same values.

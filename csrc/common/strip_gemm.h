@@ -149,8 +149,9 @@ inline void rows_tile(int64_t rows, int64_t K, const float* A, int64_t lda, cons
 }
 
 // C[1 x kStripColumns kStrips] (+)= a[1 x K] times kStrips consecutive strips (kb rows each, `stride` floats apart): a row of
-// a few-row product, 2 kStrips independent accumulators so that the FMA latency is covered.
-template <int kStrips>
+// a few-row product, 2 kStrips independent accumulators so that the FMA latency is covered. kDescending runs k
+// from K - 1 down (see strip_gemm).
+template <int kStrips, bool kDescending>
 inline void row_strips(int64_t K, const float* a, const float* strips, int64_t stride, float* c, bool accumulate) {
   Vec acc[2 * kStrips];
   if (accumulate) {
@@ -160,12 +161,14 @@ inline void row_strips(int64_t K, const float* a, const float* strips, int64_t s
 #pragma GCC unroll 8
     for (int v = 0; v < 2 * kStrips; ++v) acc[v] = vzero();
   }
-  for (int64_t k = 0; k < K; ++k) {
+  constexpr int64_t kAhead = kDescending ? -8 * kStripColumns : 8 * kStripColumns;
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t k = kDescending ? K - 1 - i : i;
     const Vec av = vbroadcast(a + k);
 #pragma GCC unroll 4
     for (int s = 0; s < kStrips; ++s) {  // B streams from L2 at a few rows per step: prefetched ahead
       const float* row = strips + s * stride + k * kStripColumns;
-      _mm_prefetch(reinterpret_cast<const char*>(row + 8 * kStripColumns), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + kAhead), _MM_HINT_T0);
       acc[2 * s] = vfma(av, vload(row), acc[2 * s]);
       acc[2 * s + 1] = vfma(av, vload(row + kVecFloats), acc[2 * s + 1]);
     }
@@ -199,23 +202,42 @@ inline void for_row_tiles(int64_t M, Tile tile) {
 // the FMA latency uncovered).
 constexpr int64_t kStripFewRows = 4;
 
+namespace strip_detail {
+template <bool kDescending>
+inline void few_rows(int64_t M, int64_t N, int64_t kb, const float* A, int64_t lda, const float* chunk, float* C,
+                     int64_t ldc, bool add) {
+  const int64_t count = N / kStripColumns, stride = kb * kStripColumns;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* a = A + m * lda;
+    float* c = C + m * ldc;
+    int64_t s = 0;
+    for (; s + 4 <= count; s += 4) row_strips<4, kDescending>(kb, a, chunk + s * stride, stride, c + kStripColumns * s, add);
+    for (; s + 2 <= count; s += 2) row_strips<2, kDescending>(kb, a, chunk + s * stride, stride, c + kStripColumns * s, add);
+    for (; s < count; ++s) row_strips<1, kDescending>(kb, a, chunk + s * stride, stride, c + kStripColumns * s, add);
+  }
+}
+}  // namespace strip_detail
+
 // C[M x N] (+)= A[M x K] B, B packed by pack_strips (N a multiple of kStripColumns).
+// `descending` (honoured for at most kStripFewRows rows) runs the inner dimension from its end: a caller that
+// streams the same strips on every call (an LSTM's recurrent weights, larger than L1) and alternates the
+// direction finds the rows it read last, still in L1, first.
 inline void strip_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* strips, float* C,
-                       int64_t ldc, bool accumulate) {
+                       int64_t ldc, bool accumulate, bool descending = false) {
+  if (M <= kStripFewRows && descending) {
+    const int64_t chunks = (K + kStripChunk - 1) / kStripChunk;
+    for (int64_t c = chunks - 1; c >= 0; --c) {
+      const int64_t k0 = c * kStripChunk, kb = std::min(kStripChunk, K - k0);
+      strip_detail::few_rows<true>(M, N, kb, A + k0, lda, strips + k0 * N, C, ldc, accumulate || c < chunks - 1);
+    }
+    return;
+  }
   for (int64_t k0 = 0; k0 < K; k0 += kStripChunk) {
     const int64_t kb = std::min(kStripChunk, K - k0);
     const float* chunk = strips + k0 * N;
     const bool add = accumulate || k0 > 0;
     if (M <= kStripFewRows) {
-      const int64_t count = N / kStripColumns, stride = kb * kStripColumns;
-      for (int64_t m = 0; m < M; ++m) {
-        const float* a = A + m * lda + k0;
-        float* c = C + m * ldc;
-        int64_t s = 0;
-        for (; s + 4 <= count; s += 4) strip_detail::row_strips<4>(kb, a, chunk + s * stride, stride, c + kStripColumns * s, add);
-        for (; s + 2 <= count; s += 2) strip_detail::row_strips<2>(kb, a, chunk + s * stride, stride, c + kStripColumns * s, add);
-        for (; s < count; ++s) strip_detail::row_strips<1>(kb, a, chunk + s * stride, stride, c + kStripColumns * s, add);
-      }
+      strip_detail::few_rows<false>(M, N, kb, A + k0, lda, chunk, C, ldc, add);
       continue;
     }
     for (int64_t n0 = 0; n0 < N; n0 += kStripColumns)
@@ -226,7 +248,8 @@ inline void strip_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t 
 }
 #else
 // Builds without the strip kernel never pack strips (kStripPanels is false); defined for the type checker only.
-inline void strip_gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t, bool) {}
+inline void strip_gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t, bool,
+                       bool = false) {}
 #endif
 
 }  // namespace fl::FL_ISA

@@ -143,14 +143,15 @@ void pack_weight_panels(const GateColumns& columns, int64_t K, const T* src, T* 
 }
 
 // C[n x cols] (+)= A[n x K] times one block's panel.
+// `descending`: see strip_gemm (float strips only).
 template <typename T, typename S>
 void panel_gemm(const GateColumns& columns, int64_t n, int64_t cols, int64_t K, const T* A, int64_t lda,
-                const T* panel, S* C, int64_t ldc, bool accumulate) {
+                const T* panel, S* C, int64_t ldc, bool accumulate, bool descending = false) {
   if constexpr (std::is_same_v<T, bf16>) {
     gemm_bf16(n, cols, K, A, lda, panel, cols, 0, C, ldc, accumulate);
   } else if constexpr (std::is_same_v<T, float>) {
     if (strip_panels<T>(columns))
-      strip_gemm(n, cols, K, A, lda, panel, C, ldc, accumulate);
+      strip_gemm(n, cols, K, A, lda, panel, C, ldc, accumulate, descending);
     else
       gemm(n, cols, K, A, lda, panel, cols, C, ldc, accumulate);
   } else {
@@ -355,7 +356,12 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
         S* raw_t = s.has_proj ? (a.raw_hidden != nullptr ? a.raw_hidden + row0 * H : raw_scratch) : nullptr;
         const int64_t step_chunks = row_chunks_for(blocks, n, size);
         split_range(blocks * step_chunks, size, rank, item0, item1);
-        for (int64_t item = item0; item < item1; ++item) {
+        // Every other step runs its blocks, and each product's inner dimension, backwards: the weights it
+        // streams from L2 start with those the previous step read last, still in L1 (a small batch's step is
+        // bound by that stream). Each sum then runs in the other order: the same values to rounding.
+        const bool backwards = (step & 1) != 0;
+        for (int64_t i = item0; i < item1; ++i) {
+          const int64_t item = backwards ? item1 - 1 - (i - item0) : i;
           const int64_t block = item % blocks;
           const int64_t base = columns.base(block), width = columns.width(block), unit0 = block * kUnitBlock;
           const S* gate_bias = s.has_bias ? bias.data() + base : nullptr;
@@ -364,10 +370,10 @@ void forward_impl(const LstmLayerForwardArgs<T>& a) {
           const int64_t split = std::clamp(ran_before, b0, b1);
           if (split > b0)
             panel_gemm(columns, split - b0, 4 * width, P, h_prev + b0 * P, P, w_hh_t + base * rows_p,
-                       gates_t + b0 * LG + base, LG, true);
+                       gates_t + b0 * LG + base, LG, true, backwards);
           if (b1 > split)
             panel_gemm(columns, b1 - split, 4 * width, P, a.h0 + split * P, P, w_hh_t + base * rows_p,
-                       gates_t + split * LG + base, LG, true);
+                       gates_t + split * LG + base, LG, true, backwards);
           for (int64_t b = b0; b < b1; ++b) {
             S* cell_out = cells_t != nullptr ? cells_t + b * H + unit0 : nullptr;
             S* state = cell_state + b * H + unit0;
