@@ -294,6 +294,30 @@ def test_saved_activations_are_not_reused_while_a_graph_holds_them():
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["grads_freed", "grads_accumulated"])
+def test_pooled_weight_gradients_are_never_shared(set_to_none):
+    # The weight gradients come from the pool too: each step's .grad (taken over by autograd, or added into)
+    # must hold that step's values, whatever the other transform of the same shapes does in between, and
+    # gradients a user keeps must not change afterwards.
+    torch.manual_seed(0)
+    a, b = (make_transform(6).float() for _ in range(2))
+    kept = []
+    for step in range(4):
+        for t in (a, b):
+            x = torch.randn(200, 6)
+            expected = torch.autograd.grad(sum(v.sum() for v in t(x)), list(t.parameters()))
+            if set_to_none:
+                t.zero_grad(set_to_none=True)
+            before = [None if p.grad is None else p.grad.clone() for p in t.parameters()]
+            sum(v.sum() for v in t(x)).backward()
+            for p, old, e in zip(t.parameters(), before, expected):
+                torch.testing.assert_close(p.grad, e if old is None else old + e)
+            kept.append([(p.grad, p.grad.clone()) for p in t.parameters()] if set_to_none else [])
+    for grads in kept:  # freed by zero_grad only: the user's references kept their values
+        for g, copy in grads:
+            torch.testing.assert_close(g, copy, rtol=0, atol=0)
+
+
 def test_saved_activation_pool_stays_bounded():
     # Batch sizes that come and go (a last smaller batch, variable batches): the pool drops free buffers of
     # shapes no longer used and holds at most 64 MiB; clear_weight_cache empties it.

@@ -445,25 +445,38 @@ void backward(const MadeBackwardArgs<T>& a) {
         backward_slab(a, s * rows, std::min(rows, a.batch - s * rows), mine, grads, scratch, st);
     }
   });
+  // The weight gradients, summed over the workers, straight into the module's unit order, masked.
   if constexpr (std::is_same_v<T, float>)
     if (strips) {
-      parallel_for(L, 1, [&](int64_t l0, int64_t l1) {
+      // Items are (layer, strip) pairs: each writes whole rows of one gradient, so any split gives the same sums.
+      std::vector<std::pair<int64_t, int64_t>> items;
+      for (int64_t l = 0; l < L; ++l)
+        for (int64_t s = 0; s < st.grads[l].strips(); ++s) items.emplace_back(l, s);
+      parallel_for_dynamic(static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
         std::vector<const float*> sums;
-        for (int64_t l = l0; l < l1; ++l) {
+        for (int64_t item = i0; item < i1; ++item) {
+          const auto [l, s] = items[item];
           sums.clear();
           for (const auto& w : acc) sums.push_back(w.strips.data() + st.grad_offset[l]);
-          unpack_made_strips_transposed(st.grads[l], sums.data(), static_cast<int64_t>(sums.size()),
-                                        a.layers[l].in_units, a.grad_weight[l], a.layers[l].in_units);
+          unpack_made_strip_grad(st.grads[l], s, sums.data(), static_cast<int64_t>(sums.size()),
+                                 a.layers[l].in_units, a.out_perm[l], a.in_perm[l], a.mask[l], a.grad_weight[l]);
         }
       });
     }
   for (int64_t l = 0; l < L; ++l) {
     const int64_t in = a.layers[l].in_units, out = a.layers[l].out_units;
-    if (!strips) {  // summed into the first worker's W^T, then transposed
+    if (!strips) {  // summed into the first worker's W^T, transposed, then scattered to the module's order
       T* sum = acc[0].weight_t[l].data();
       for (size_t w = 1; w < acc.size(); ++w)
         for (int64_t e = 0; e < in * out; ++e) sum[e] += acc[w].weight_t[l][e];
-      fast_transpose(in, out, sum, out, a.grad_weight[l], in);
+      std::vector<T> sorted(in * out);
+      fast_transpose(in, out, sum, out, sorted.data(), in);
+      const int64_t *po = a.out_perm[l], *pi = a.in_perm[l];
+      for (int64_t o = 0; o < out; ++o) {
+        T* row = a.grad_weight[l] + po[o] * in;
+        const T* mask_row = a.mask[l] + po[o] * in;
+        for (int64_t i = 0; i < in; ++i) row[pi[i]] = sorted[o * in + i] * mask_row[pi[i]];
+      }
     }
     if (T* db = a.grad_bias[l]) {
       std::fill(db, db + a.layers[l].out_units, T(0));

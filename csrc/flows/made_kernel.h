@@ -102,7 +102,13 @@ struct MadeBackwardArgs {
   const T* grad_outputs = nullptr;    // [batch, features]
   const T* grad_logabsdet = nullptr;  // [batch]
   T* grad_inputs = nullptr;           // [batch, features], or null: x needs no gradient (its layer's dA is skipped)
-  T* const* grad_weight = nullptr;    // per layer [out_units, in_units], sorted
+  // Per layer [out_units, in_units] in the module's unit order, masked: grad_weight[l][out_perm[l][o], in_perm[l][i]]
+  // = mask[l][same] * dW_sorted[o, i] (the kernel writes them there directly, so that the op layer has no pass to
+  // unsort them; every entry is written).
+  T* const* grad_weight = nullptr;
+  const int64_t* const* out_perm = nullptr;  // per layer [out_units]: module unit of sorted output unit o
+  const int64_t* const* in_perm = nullptr;   // per layer [in_units]: module unit of sorted input unit i
+  const T* const* mask = nullptr;            // per layer [out_units, in_units], the module's order
   T* const* grad_bias = nullptr;      // per layer [out_units] or null
   T* const* grad_context = nullptr;   // per layer [batch, out_units] or null
 };

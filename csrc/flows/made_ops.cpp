@@ -508,17 +508,24 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
   const Tensor gl = grad_logabsdet.to(inputs.scalar_type()).contiguous();
   TORCH_CHECK(go.sizes() == inputs.sizes() && gl.numel() == N, "made_backward: gradients of the wrong shape");
   Tensor grad_inputs = input_grad ? at::empty_like(inputs) : inputs.new_empty({0, inputs.size(1)});
-  std::vector<Tensor> grad_wt, grad_b, grad_ctx;
+  std::vector<Tensor> grad_w, grad_b, grad_ctx;
   for (int64_t l = 0; l < L; ++l) {
-    grad_wt.push_back(at::empty({net.out_units[l], net.in_units[l]}, inputs.options()));
+    // Pooled: a training loop frees last step's gradients (or adds them into .grad and frees them), and fresh
+    // megabytes would fault in a page per 4 KiB on first write (about as long as writing them).
+    grad_w.push_back(reusable_empty("made_grad_weight", {net.out_units[l], net.in_units[l]}, inputs.options()));
     grad_b.push_back(at::empty({present(biases[l]) ? net.out_units[l] : 0}, inputs.options()));
     grad_ctx.push_back(at::empty({present(contexts[l]) ? N : 0, net.out_units[l]}, inputs.options()));
   }
   AT_DISPATCH_FLOATING_TYPES(inputs.scalar_type(), "made_backward", [&] {
     const auto layers = kernel_layers<scalar_t>(net, b, c, saved);
-    std::vector<scalar_t*> dwt(L), db(L), dctx(L);
+    std::vector<scalar_t*> dw(L), db(L), dctx(L);
+    std::vector<const int64_t*> po(L), pi(L);
+    std::vector<const scalar_t*> mask(L);
     for (int64_t l = 0; l < L; ++l) {
-      dwt[l] = grad_wt[l].data_ptr<scalar_t>();
+      dw[l] = grad_w[l].data_ptr<scalar_t>();
+      po[l] = out_perms[l].data_ptr<int64_t>();
+      pi[l] = in_perms[l].data_ptr<int64_t>();
+      mask[l] = masks[l].data_ptr<scalar_t>();
       db[l] = grad_b[l].numel() ? grad_b[l].data_ptr<scalar_t>() : nullptr;
       dctx[l] = grad_ctx[l].numel() ? grad_ctx[l].data_ptr<scalar_t>() : nullptr;
     }
@@ -533,32 +540,22 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
     a.grad_outputs = go.data_ptr<scalar_t>();
     a.grad_logabsdet = gl.data_ptr<scalar_t>();
     a.grad_inputs = input_grad ? grad_inputs.data_ptr<scalar_t>() : nullptr;
-    a.grad_weight = dwt.data();
+    a.grad_weight = dw.data();
+    a.out_perm = po.data();
+    a.in_perm = pi.data();
+    a.mask = mask.data();
     a.grad_bias = db.data();
     a.grad_context = dctx.data();
     FL_DISPATCH_ISA(made_backward, a);
   });
-  // Back to the module's unit order, in one scatter per tensor; the weight gradient masked (the mask multiplies
-  // the weight): dW[po[o]][pi[i]] = dW_sorted[o][i] * mask[po[o]][pi[i]], row by row.
-  std::vector<Tensor> grad_w, grad_bias, grad_context;
+  // Bias and context gradients back to the module's unit order (the kernel wrote the weights' there already).
+  std::vector<Tensor> grad_bias, grad_context;
   for (int64_t l = 0; l < L; ++l) {
-    const int64_t in = net.in_units[l], out = net.out_units[l];
+    const int64_t out = net.out_units[l];
     const int64_t* po = out_perms[l].data_ptr<int64_t>();
-    const int64_t* pi = in_perms[l].data_ptr<int64_t>();
-    Tensor gw = at::empty({out, in}, inputs.options());
     Tensor gb = grad_b[l].numel() ? at::empty_like(grad_b[l]) : grad_b[l];
     Tensor gc = at::empty_like(contexts[l]);
     AT_DISPATCH_FLOATING_TYPES(inputs.scalar_type(), "made_unsort", [&] {
-      const scalar_t* sorted = grad_wt[l].data_ptr<scalar_t>();
-      const scalar_t* m = masks[l].data_ptr<scalar_t>();
-      scalar_t* dw = gw.data_ptr<scalar_t>();
-      parallel_for(out, std::max<int64_t>(1, 16384 / std::max<int64_t>(in, 1)), [&](int64_t o0, int64_t o1) {
-        for (int64_t o = o0; o < o1; ++o) {
-          scalar_t* row = dw + po[o] * in;
-          const scalar_t* mask_row = m + po[o] * in;
-          for (int64_t i = 0; i < in; ++i) row[pi[i]] = sorted[o * in + i] * mask_row[pi[i]];
-        }
-      });
       if (gb.numel())
         for (int64_t o = 0; o < out; ++o) gb.data_ptr<scalar_t>()[po[o]] = grad_b[l].data_ptr<scalar_t>()[o];
       if (present(contexts[l])) {
@@ -568,7 +565,6 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
           for (int64_t o = 0; o < out; ++o) dst[n * out + po[o]] = src[n * out + o];
       }
     });
-    grad_w.push_back(gw);
     grad_bias.push_back(gb);
     grad_context.push_back(gc);  // an absent context's gradient keeps its empty shape
   }

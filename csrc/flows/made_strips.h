@@ -79,21 +79,31 @@ inline void pad_strip_bias(const MadeStripLayout& layout, const float* bias, flo
   for (int64_t c = 0; c < padded; ++c) out[c] = c < layout.columns ? bias[c] : 0.0f;
 }
 
-// The sum of `count` buffers laid out alike, transposed back: dst [columns x K] (rows ldd apart), element
-// (c, k) = the strips' element (k, c), zero outside the strips. (A weight gradient summed in the forward's
-// layout of W^T comes back as W's gradient.)
-inline void unpack_made_strips_transposed(const MadeStripLayout& layout, const float* const* buffers, int64_t count,
-                                          int64_t K, float* dst, int64_t ldd) {
-  for (int64_t c = 0; c < layout.columns; ++c) std::fill(dst + c * ldd, dst + c * ldd + K, 0.0f);
-  for (int64_t s = 0; s < layout.strips(); ++s) {
-    const int64_t c0 = s * kStripColumns, cols = std::min(kStripColumns, layout.columns - c0);
-    for (int64_t b = 0; b < count; ++b) {
-      const float* strip = buffers[b] + layout.offset[s];
-      for (int64_t c = 0; c < cols; ++c) {
-        float* row = dst + (c0 + c) * ldd + layout.first[s];
-        for (int64_t k = 0; k < layout.rows(s); ++k) row[k] += strip[k * kStripColumns + c];
-      }
-    }
+// Strip s of a weight gradient summed over `count` workers' buffers (made_output_strips' layout over output units,
+// K input units), written in the module's unit order and masked: dst[out_perm[o] * K + in_perm[i]] =
+// mask[same] * sum. Every entry of the strip's output rows is written (zero outside the strip's input rows).
+inline void unpack_made_strip_grad(const MadeStripLayout& layout, int64_t s, const float* const* buffers,
+                                   int64_t count, int64_t K, const int64_t* out_perm, const int64_t* in_perm,
+                                   const float* mask, float* dst) {
+  const int64_t c0 = s * kStripColumns, cols = std::min(kStripColumns, layout.columns - c0);
+  const int64_t first = layout.first[s], rows = layout.rows(s);
+  float* row[kStripColumns];
+  const float* mask_row[kStripColumns];
+  for (int64_t c = 0; c < cols; ++c) {
+    row[c] = dst + out_perm[c0 + c] * K;
+    mask_row[c] = mask + out_perm[c0 + c] * K;
+    std::fill(row[c], row[c] + K, 0.0f);
+  }
+  // Input row by input row: the workers' sums of a strip row are contiguous (a vector add each), and each of the
+  // strip's output rows (at most 32, in L1 together) takes one entry.
+  float sum[kStripColumns];
+  for (int64_t k = 0; k < rows; ++k) {
+    const int64_t at = layout.offset[s] + k * kStripColumns;
+    for (int64_t c = 0; c < kStripColumns; ++c) sum[c] = 0.0f;
+    for (int64_t b = 0; b < count; ++b)
+      for (int64_t c = 0; c < kStripColumns; ++c) sum[c] += buffers[b][at + c];
+    const int64_t i = in_perm[first + k];
+    for (int64_t c = 0; c < cols; ++c) row[c][i] = sum[c] * mask_row[c][i];
   }
 }
 
