@@ -3,6 +3,7 @@
 import torch
 
 from . import _C
+from ._kept import clear_memos
 
 
 def info() -> dict:
@@ -29,5 +30,7 @@ def set_weight_cache_enabled(enabled: bool) -> None:
 
 
 def clear_weight_cache() -> None:
-    """Drops every cached repacked weight, and the memory pooled for the MAF's saved activations."""
+    """Drops every cached repacked weight, the memory pooled for the MAF's saved activations and weight
+    gradients, and the small tensors kept between calls (zero initial states, batch sizes, permutations)."""
     _C.clear_weight_cache()
+    clear_memos()

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .._kept import kept
+from .._kept import kept, memo_allowed
 from .base import Transform
 from .conditioner_plan import plan_of
 
@@ -121,7 +121,7 @@ class AffineCouplingTransform(Transform):
         None."""
         if (context is not None or self.unconditional_transform is not None or inputs.dim() != 2
                 or inputs.device.type != "cpu" or inputs.dtype not in (torch.float32, torch.float64)
-                or torch.compiler.is_compiling()):
+                or not memo_allowed()):
             return None
         plan = plan_of(self.transform_net)
         if plan is None or not plan.usable(inputs, self.identity_features.shape[0], self.transform_features.shape[0]):
@@ -131,6 +131,8 @@ class AffineCouplingTransform(Transform):
     def _feature_positions(self) -> Tensor:
         """Where each feature sits in cat([identity, transform]), so that outputs are put back in one gather;
         kept while the two index buffers are the same tensors, unchanged."""
+        if not memo_allowed():
+            return torch.argsort(torch.cat([self.identity_features, self.transform_features]))
         key = (self.identity_features, self.identity_features._version, self.transform_features,
                self.transform_features._version)
         cached = self.__dict__.get("_positions")

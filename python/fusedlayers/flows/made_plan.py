@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._kept import kept
+from .._kept import kept, memo, memo_allowed
 from .made import MADE, MaskedFeedforwardBlock, MaskedResidualBlock
 
 _ACTIVATIONS = {F.relu: 0, torch.relu: 0, torch.tanh: 1, F.tanh: 1, F.elu: 2, F.gelu: 3}
@@ -73,12 +73,14 @@ class _Stages:
         return dst
 
 
-_IDENTITIES: dict[int, Tensor] = {}
+_IDENTITIES: dict[int, Tensor] = memo({})
 
 
 def _identity(n: int) -> Tensor:
+    if not memo_allowed():
+        return torch.arange(n, device="cpu")
     if n not in _IDENTITIES:
-        _IDENTITIES[n] = kept(lambda: torch.arange(n))
+        _IDENTITIES[n] = kept(lambda: torch.arange(n, device="cpu"))
     return _IDENTITIES[n]
 
 
@@ -190,13 +192,15 @@ class _Perms:
         self.inputs = None
 
     def input_degrees(self, features: int) -> Tensor:
+        if not memo_allowed():
+            return torch.arange(1, features + 1, device="cpu")
         if self.inputs is None or len(self.inputs) != features:
-            self.inputs = kept(lambda: torch.arange(1, features + 1))
+            self.inputs = kept(lambda: torch.arange(1, features + 1, device="cpu"))
         return self.inputs
 
     def offsets(self, degrees: Tensor, features: int) -> Tensor:
         """_offsets of the degrees in sorted order, computed once per degrees tensor."""
-        if torch.compiler.is_compiling():
+        if not memo_allowed():
             return _offsets(degrees[self.sort(degrees)], features)
         key = (id(degrees), degrees._version, features)
         if key not in self.offsets_by_degrees:
@@ -204,7 +208,7 @@ class _Perms:
         return self.offsets_by_degrees[key][0]
 
     def sort(self, degrees: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():  # traced: the graph sorts (version counters are not traceable)
+        if not memo_allowed():  # traced: the graph sorts (version counters are not traceable)
             return _sorted(degrees)
         key = (id(degrees), degrees._version)
         if key not in self.by_degrees:
@@ -269,10 +273,11 @@ def made_forward(made: MADE, inputs: Tensor, context: Tensor | None, epsilon: fl
             or inputs.device.type != "cpu" or inputs.dtype not in (torch.float32, torch.float64) or inputs.dim() != 2):
         return None
     compiling = torch.compiler.is_compiling()
-    layers = plan.layers_without_context if context is None and not compiling else None
+    keep = context is None and memo_allowed()  # the layer lists are kept for later calls
+    layers = plan.layers_without_context if keep else None
     if layers is None or not layers.still_current():
         layers = _describe_layers(made, context)
-        if context is None and not compiling:
+        if keep:
             plan.layers_without_context = layers
     if any(t.dtype != inputs.dtype for t in layers.weights) or any(t.dtype != inputs.dtype for t in layers.biases
                                                                    if t.numel()):
@@ -282,7 +287,7 @@ def made_forward(made: MADE, inputs: Tensor, context: Tensor | None, epsilon: fl
                                         or any(t.requires_grad for t in layers.biases))  # for the backward
     args = (inputs.contiguous(), layers.weights, layers.masks, layers.in_perms, layers.out_perms, layers.biases,
             layers.contexts, layers.info, plan.act, float(epsilon), save)
-    if compiling:
+    if compiling or torch._C._are_functorch_transforms_active():  # the registered op, which they can trace
         outputs, logabsdet, _ = _forward_op(*args)
     elif save:  # eager autograd without the registered wrapper's Python layer (same backward op)
         outputs, logabsdet = _EagerForward.apply((layers.info, plan.act, float(epsilon)), inputs.contiguous(),

@@ -3,11 +3,13 @@ step (`lstm_cell`, like `torch._VF.lstm_cell`)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._kept import kept
+from .._kept import kept, memo, memo_allowed
 
 _layer_op = torch.ops.fusedlayers.lstm_layer
 
@@ -132,17 +134,19 @@ def lstm(input: Tensor, hx: tuple[Tensor, Tensor], params, has_biases: bool, num
     return out, h_n, c_n
 
 
-_BATCH_SIZES: dict[tuple[int, int], Tensor] = {}
-_ZERO_STATES: dict[tuple, tuple[Tensor, ...]] = {}
+_BATCH_SIZES: dict[tuple[int, int], Tensor] = memo({})
+_ZERO_STATES: dict[tuple, tuple[Tensor, ...]] = memo({})
+_ZERO_STATE_BYTES = 64 << 10  # larger states are the allocator's: a small call is where zeros cost a share
 
 
 def zero_states(shapes: tuple[tuple[int, ...], ...], like: Tensor) -> tuple[Tensor, ...]:
     """Zero tensors of the given shapes with `like`'s dtype and device: the initial states when none are given.
 
-    The op only reads its initial states, so for plain tensors they are made once per shape (torch.zeros costs a
-    few us of a small call); traced, fake or subclassed inputs get fresh zeros, as the trace or the subclass
-    expects."""
-    if type(like) is not Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    The op only reads its initial states, so small ones for plain tensors are made once per shape (torch.zeros
+    costs a few us of a small call); traced, fake or subclassed inputs, and calls under a mode or transform
+    (`memo_allowed`), get fresh zeros, as the trace, subclass or mode expects."""
+    elements = sum(math.prod(shape) for shape in shapes)
+    if (type(like) is not Tensor or elements * like.element_size() > _ZERO_STATE_BYTES or not memo_allowed()):
         return tuple(like.new_zeros(shape) for shape in shapes)
     key = (shapes, like.dtype, like.device)
     zeros = _ZERO_STATES.get(key)
@@ -156,14 +160,14 @@ def zero_states(shapes: tuple[tuple[int, ...], ...], like: Tensor) -> tuple[Tens
 
 def _constant_batch_sizes(steps: int, batch: int) -> Tensor:
     """batch_sizes of a padded sequence, made once per shape (the op only reads it)."""
-    if torch.compiler.is_compiling():
-        return torch.full((steps,), batch, dtype=torch.int64)
+    if not memo_allowed():
+        return torch.full((steps,), batch, dtype=torch.int64, device="cpu")
     key = (steps, batch)
     sizes = _BATCH_SIZES.get(key)
     if sizes is None:
         if len(_BATCH_SIZES) >= 256:  # many shapes (varying sequence lengths): keep the memo small
             _BATCH_SIZES.clear()
-        sizes = _BATCH_SIZES[key] = kept(lambda: torch.full((steps,), batch, dtype=torch.int64))
+        sizes = _BATCH_SIZES[key] = kept(lambda: torch.full((steps,), batch, dtype=torch.int64, device="cpu"))
     return sizes
 
 
