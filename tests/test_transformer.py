@@ -129,6 +129,30 @@ def test_linear_without_input_gradient(bias):
     torch.library.opcheck(torch.ops.fusedlayers.linear_backward, (g, x, ours.weight.detach(), bias, False))
 
 
+@pytest.mark.parametrize("layout", ["transposed", "4d_permuted", "size_one_dims", "sliced"])
+def test_linear_on_strided_inputs(layout):
+    # A permuted view of a contiguous tensor (a batch-first input transposed to sequence-first) is multiplied in
+    # memory order and handed back as the same view; other strides are copied. Values and gradients as torch's.
+    torch.manual_seed(0)
+    base = {"transposed": torch.randn(3, 5, 7), "4d_permuted": torch.randn(2, 3, 4, 7),
+            "size_one_dims": torch.randn(1, 5, 1, 7), "sliced": torch.randn(5, 6, 7)}[layout]
+    base = base.double().requires_grad_()
+    view = {"transposed": lambda t: t.transpose(0, 1), "4d_permuted": lambda t: t.permute(2, 0, 1, 3),
+            "size_one_dims": lambda t: t.permute(2, 1, 0, 3), "sliced": lambda t: t[:, ::2]}[layout]
+    x = view(base)
+    weight = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    ours = fusedlayers.functional.linear(x, weight, bias)
+    ref = torch.nn.functional.linear(x, weight, bias)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, **TOL)
+    g = torch.randn(ref.shape, dtype=torch.float64)
+    for a, e in zip(torch.autograd.grad(ours, [base, weight, bias], g), torch.autograd.grad(ref, [base, weight, bias], g)):
+        torch.testing.assert_close(a, e, **TOL)
+    assert torch.autograd.gradcheck(lambda t, w, b: fusedlayers.functional.linear(view(t), w, b),
+                                    (base.detach().requires_grad_(), weight, bias))
+
+
 @pytest.mark.parametrize("in_features, out_features, shape", [(0, 4, (3, 0)), (0, 4, (2, 3, 0)), (0, 4, (0,)),
                                                               (5, 0, (3, 5))])
 @pytest.mark.parametrize("bias", [True, False])

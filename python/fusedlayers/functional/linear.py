@@ -17,4 +17,21 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
                  and weight.numel() != 0)  # in_features or out_features 0: the engine reshapes to [-1, 0]
     if not supported:
         return F.linear(input, weight, bias)
+    if input.dim() >= 3 and not input.is_contiguous():
+        order = _contiguous_order(input)
+        if order is not None:  # rows are independent: multiply them in memory order, and give the view back
+            inverse = [0] * len(order)
+            for position, dim in enumerate(order):
+                inverse[dim] = position
+            return _linear_op(input.permute(order), weight, bias).permute(inverse)
     return _linear_op(input, weight, bias)
+
+
+def _contiguous_order(input: Tensor) -> list[int] | None:
+    """An order of input's leading dims in which it is contiguous (a batch-first tensor transposed to
+    sequence-first, as MultiheadAttention does), or None: the op would copy it to multiply it."""
+    if input.stride(-1) != 1 or any(size == 0 for size in input.shape):
+        return None
+    leading = sorted(range(input.dim() - 1), key=lambda d: input.stride(d), reverse=True)
+    order = leading + [input.dim() - 1]
+    return order if input.permute(order).is_contiguous() else None
