@@ -35,7 +35,7 @@ namespace {
 // block shapes the kernels use while keeping a B panel (kTileK x kTileN) in L1/L2.
 constexpr int64_t kTileM = 64;
 constexpr int64_t kTileN = 128;
-constexpr int64_t kTileK = 128;
+constexpr int64_t kTileK = 256;
 // Rows of B taken at a time by the single-thread product: a [kPanelK x kTileN] panel (128 KiB) stays in L2 while
 // every row block of A passes over it (a whole [K x kTileN] panel did not fit L2 for K in the thousands).
 constexpr int64_t kPanelK = 256;
@@ -154,15 +154,47 @@ bool use_brgemm_bf16() {
 }
 
 // C[M x nb] (+)= A[M x kcb] panel[kcb x nb] on oneDNN's micro-kernel, in tiles of kTileM rows and kTileK of depth:
-// the loop that gemm runs over each panel of B, whether it copied the panel or not.
+// the loop that gemm runs over each panel of B, whether it copied the panel or not. bias (optional, nb values) is
+// added to each block of rows as soon as its products are done, while the block is in L1: copying the bias into C
+// first cost a pass over C from memory, about 5% of a projection's time.
 void panel_rows_brgemm(int64_t M, int64_t nb, int64_t kcb, const float* A, int64_t lda, const float* panel,
-                       int64_t ld_panel, float* C, int64_t ldc, bool accumulate) {
+                       int64_t ld_panel, float* C, int64_t ldc, bool accumulate, const float* bias = nullptr) {
   for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
     const int64_t mb = std::min(kTileM, M - m0);
     for (int64_t k0 = 0; k0 < kcb; k0 += kTileK) {
       const int64_t kb = std::min(kTileK, kcb - k0);
       at::native::cpublas::brgemm(mb, nb, kb, lda, ld_panel, ldc, accumulate || k0 > 0, A + m0 * lda + k0,
                                   panel + k0 * ld_panel, C + m0 * ldc, false);
+    }
+    if (bias != nullptr)
+      for (int64_t r = m0; r < m0 + mb; ++r) {
+        float* row = C + r * ldc;
+        for (int64_t c = 0; c < nb; ++c) row[c] += bias[c];
+      }
+  }
+}
+
+// gemm's brgemm loop over panels of B (kPanelK rows, kTileN columns), the bias added after the last panel.
+void brgemm_panels(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                   float* C, int64_t ldc, bool accumulate, const float* bias) {
+  for (int64_t kc = 0; kc < K; kc += kPanelK) {
+    const int64_t kcb = std::min(kPanelK, K - kc);
+    const bool last_panel = kc + kcb >= K;
+    for (int64_t n0 = 0; n0 < N; n0 += kTileN) {
+      const int64_t nb = std::min(kTileN, N - n0);
+      // A panel of B is copied to a contiguous one when several row blocks of A will reuse it, or when its rows
+      // are a multiple of 2 KiB apart: they then share a few L1 sets and evict each other (1024^3 on one Zen 3
+      // core ran at 37 GFLOP/s).
+      const float* panel = B + kc * ldb + n0;
+      int64_t ld_panel = ldb;
+      if (ldb != nb && (M > kTileM || (ldb * int64_t(sizeof(float))) % 2048 == 0)) {
+        float* packed = workspace<float>(WorkspaceSlot::gemm_b, kcb * nb);
+        for (int64_t k = 0; k < kcb; ++k) std::memcpy(packed + k * nb, panel + k * ldb, sizeof(float) * nb);
+        panel = packed;
+        ld_panel = nb;
+      }
+      panel_rows_brgemm(M, nb, kcb, A + kc, lda, panel, ld_panel, C + n0, ldc, accumulate || kc > 0,
+                        last_panel && bias != nullptr ? bias + n0 : nullptr);
     }
   }
 }
@@ -189,24 +221,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
     return;
   }
   if (!use_brgemm_f32()) return portable_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-  for (int64_t kc = 0; kc < K; kc += kPanelK) {
-    const int64_t kcb = std::min(kPanelK, K - kc);
-    for (int64_t n0 = 0; n0 < N; n0 += kTileN) {
-      const int64_t nb = std::min(kTileN, N - n0);
-      // A panel of B is copied to a contiguous one when several row blocks of A will reuse it, or when its rows
-      // are a multiple of 2 KiB apart: they then share a few L1 sets and evict each other (1024^3 on one Zen 3
-      // core ran at 37 GFLOP/s).
-      const float* panel = B + kc * ldb + n0;
-      int64_t ld_panel = ldb;
-      if (ldb != nb && (M > kTileM || (ldb * int64_t(sizeof(float))) % 2048 == 0)) {
-        float* packed = workspace<float>(WorkspaceSlot::gemm_b, kcb * nb);
-        for (int64_t k = 0; k < kcb; ++k) std::memcpy(packed + k * nb, panel + k * ldb, sizeof(float) * nb);
-        panel = packed;
-        ld_panel = nb;
-      }
-      panel_rows_brgemm(M, nb, kcb, A + kc, lda, panel, ld_panel, C + n0, ldc, accumulate || kc > 0);
-    }
-  }
+  brgemm_panels(M, N, K, A, lda, B, ldb, C, ldc, accumulate, nullptr);
 }
 
 void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb,
@@ -324,13 +339,14 @@ void pack_b_chunks(int64_t K, int64_t N, const float* B, int64_t ldb, float* out
 // gemm's brgemm loop on B in the layout of pack_b_chunks (B_chunks points at the chunk of column 0 of this C
 // block, which starts on a chunk boundary).
 void gemm_packed_b(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B_chunks, float* C,
-                   int64_t ldc, bool accumulate) {
+                   int64_t ldc, bool accumulate, const float* bias) {
   for (int64_t kc = 0; kc < K; kc += kPanelK) {
     const int64_t kcb = std::min(kPanelK, K - kc);
+    const bool last_panel = kc + kcb >= K;
     for (int64_t n0 = 0; n0 < N; n0 += kTileN) {
       const int64_t nb = std::min(kTileN, N - n0);
       panel_rows_brgemm(M, nb, kcb, A + kc, lda, B_chunks + n0 * K + kc * nb, nb, C + n0, ldc,
-                        accumulate || kc > 0);
+                        accumulate || kc > 0, last_panel && bias != nullptr ? bias + n0 : nullptr);
     }
   }
 }
@@ -374,14 +390,22 @@ void tiled_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
       const int64_t tm = t % tiles_m, tn = t / tiles_m;
       const int64_t m0 = tm * tile_m, n0 = tn * tile_n, rows = std::min(tile_m, M - m0);
       const int64_t cols = std::min(tile_n, N - n0);
-      if (bias != nullptr)  // per tile, while it is in cache (a pass over all of C first cost 10% of a linear)
-        for (int64_t r = 0; r < rows; ++r) std::copy(bias + n0, bias + n0 + cols, C + (m0 + r) * ldc + n0);
-      if constexpr (std::is_same_v<T, float>)
+      if constexpr (std::is_same_v<T, float>) {
+        // On the micro-kernel the bias is added to each block of C as its products finish (K > 0: gemm's
+        // loop runs at least one panel).
         if (whole_b != nullptr) {
-          gemm_packed_b(rows, cols, K, A + m0 * lda, lda, whole_b + n0 * K, C + m0 * ldc + n0, ldc,
-                        accumulate || bias != nullptr);
+          gemm_packed_b(rows, cols, K, A + m0 * lda, lda, whole_b + n0 * K, C + m0 * ldc + n0, ldc, accumulate,
+                        bias != nullptr ? bias + n0 : nullptr);
           continue;
         }
+        if (bias != nullptr && K > 0 && rows > kSmallGemmRows && use_brgemm_f32()) {
+          brgemm_panels(rows, cols, K, A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, accumulate,
+                        bias + n0);
+          continue;
+        }
+      }
+      if (bias != nullptr)  // per tile, while it is in cache (a pass over all of C first cost 10% of a linear)
+        for (int64_t r = 0; r < rows; ++r) std::copy(bias + n0, bias + n0 + cols, C + (m0 + r) * ldc + n0);
       gemm(rows, cols, K, A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, accumulate || bias != nullptr);
     }
   });
