@@ -40,6 +40,11 @@ constexpr int64_t kKeyTile = 128;
 constexpr float kShiftSlack = 32;
 // Up to this many queries per head the forward takes the decoding path (GEMV-like, memory bound).
 constexpr int64_t kDecodeMaxQueries = 8;
+// Keys and values of the next head are prefetched up to this size (a quarter of L2).
+constexpr int64_t kPrefetchMaxBytes = int64_t(256) << 10;
+// Cache lines asked for per row of softmax: enough to ask for a short head's next tile, keys and values (1280
+// lines at L = S = 128, head size 64) within one tile's rows.
+constexpr int64_t kPrefetchLinesPerRow = 24;
 constexpr int64_t kDecodeBlock = 64;
 
 template <typename T>
@@ -55,6 +60,42 @@ inline HeadIndex head_of(int64_t bh, const SdpaSizes& s) {
   const int64_t b = bh / s.q_heads, h = bh % s.q_heads;
   return {b, h, h / (s.q_heads / s.kv_heads)};
 }
+
+// Lines of up to four blocks of rows asked into L2 ahead of their use, a few at a time between pieces of work:
+// the hardware prefetcher does not run ahead across a tile's rows, so a tile read from memory at its first use
+// stalled on every line, and a thousand prefetches at once stalled on the few misses a core can have in flight.
+class PrefetchQueue {
+ public:
+  // rows of row_bytes, stride bytes apart, from base; for_write: lines the core will write (asked for
+  // ownership, so that the stores do not wait for them).
+  void add(const void* base, int64_t rows, int64_t stride, int64_t row_bytes, bool for_write = false) {
+    if (count_ < kBlocks && rows > 0 && row_bytes > 0)
+      blocks_[count_++] = {static_cast<const char*>(base), rows, stride, (row_bytes + 63) / 64, for_write};
+  }
+  void issue(int64_t lines) {
+    for (; lines > 0 && block_ < count_; --lines) {
+      const Block& b = blocks_[block_];
+      if (b.for_write)
+        __builtin_prefetch(b.base + row_ * b.stride + line_ * 64, 1, 2);
+      else
+        __builtin_prefetch(b.base + row_ * b.stride + line_ * 64, 0, 2);
+      if (++line_ == b.lines) line_ = 0, ++row_;
+      if (row_ == b.rows) row_ = 0, ++block_;
+    }
+  }
+  void clear() { count_ = block_ = row_ = line_ = 0; }
+
+ private:
+  static constexpr int kBlocks = 4;
+  struct Block {
+    const char* base;
+    int64_t rows, stride, lines;
+    bool for_write;
+  };
+  Block blocks_[kBlocks];
+  int count_ = 0, block_ = 0;
+  int64_t row_ = 0, line_ = 0;
+};
 
 // Range of queries that may attend to some key in [j0, j1), from the structural masks.
 inline void queries_seeing(int64_t j0, int64_t j1, const SdpaSizes& s, const SdpaMasking& m, int64_t& i_lo,
@@ -692,6 +733,7 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
       float* lanes = sum_lanes.data() + r * kSumLanes;
       for (int64_t k = 0; k < kSumLanes; ++k) row_sum[r] += std::exchange(lanes[k], 0.f);
     };
+    PrefetchQueue prefetch;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / q_tiles, i0 = (item % q_tiles) * kQueryTile;
       const int64_t rows = std::min(kQueryTile, L - i0);
@@ -702,6 +744,32 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
         for (int64_t r = 0; r < rows; ++r) scale_row(q_scaled.data() + r * E, q_in + r * a.q_strides.row, E, scale);
       }
       const int64_t kv_head = hd.batch * s.kv_heads + hd.kv_head;
+      prefetch.clear();
+      if (item + 1 < end) {  // the next item's queries, output rows and, if it starts a head, keys and values
+        const int64_t next_bh = (item + 1) / q_tiles, next_i0 = ((item + 1) % q_tiles) * kQueryTile;
+        const HeadIndex next = head_of(next_bh, s);
+        const int64_t bytes = packed16 ? 2 : int64_t(sizeof(T));
+        const auto address = [&](const void* t16, const T* t, int64_t offset) {
+          return packed16 ? static_cast<const void*>(static_cast<const bf16*>(t16) + offset)
+                          : static_cast<const void*>(t + offset);
+        };
+        prefetch.add(address(a.q16, a.q, next.batch * a.q_strides.batch + next.q_head * a.q_strides.head +
+                                             next_i0 * a.q_strides.row),
+                     std::min(kQueryTile, L - next_i0), bytes * a.q_strides.row, bytes * E);
+        const int64_t out_row = next_bh * L + next_i0;
+        if (a.out16 != nullptr)
+          prefetch.add(a.out16 + out_row * Ev, std::min(kQueryTile, L - next_i0), 2 * Ev, 2 * Ev, true);
+        else if (a.out != nullptr)
+          prefetch.add(a.out + out_row * Ev, std::min(kQueryTile, L - next_i0), int64_t(sizeof(T)) * Ev,
+                       int64_t(sizeof(T)) * Ev, true);
+        const bool next_head = next.batch * s.kv_heads + next.kv_head != kv_head;
+        if (keys_per_thread && next_head && S * (E + Ev) * bytes <= kPrefetchMaxBytes) {
+          prefetch.add(address(a.k16, a.k, next.batch * a.k_strides.batch + next.kv_head * a.k_strides.head), S,
+                       bytes * a.k_strides.row, bytes * E);
+          prefetch.add(address(a.v16, a.v, next.batch * a.v_strides.batch + next.kv_head * a.v_strides.head), S,
+                       bytes * a.v_strides.row, bytes * Ev);
+        }
+      }
       if (keys_per_thread && own_head != kv_head) {
         own_head = kv_head;
         prepare_head(hd.batch, hd.kv_head, own_keys, nullptr, own_keys16, own_values16);
@@ -762,6 +830,7 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
             apply_dropout(p, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
         };
         for (int64_t r = 0; r < rows; ++r) {
+          prefetch.issue(kPrefetchLinesPerRow);
           T* p = scores.data() + r * kKeyTile;
           // Exponentials in one pass (no separate max pass, no rescaling), relative to the row's running maximum
           // or, on its first tile, to the maximum of the tile's first vector of scores. Softmax does not depend on
