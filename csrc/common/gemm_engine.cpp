@@ -340,13 +340,15 @@ void pack_b_chunks(int64_t K, int64_t N, const float* B, int64_t ldb, float* out
 // block, which starts on a chunk boundary).
 void gemm_packed_b(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B_chunks, float* C,
                    int64_t ldc, bool accumulate, const float* bias) {
-  for (int64_t kc = 0; kc < K; kc += kPanelK) {
-    const int64_t kcb = std::min(kPanelK, K - kc);
-    const bool last_panel = kc + kcb >= K;
-    for (int64_t n0 = 0; n0 < N; n0 += kTileN) {
-      const int64_t nb = std::min(kTileN, N - n0);
-      panel_rows_brgemm(M, nb, kcb, A + kc, lda, B_chunks + n0 * K + kc * nb, nb, C + n0, ldc,
-                        accumulate || kc > 0, last_panel && bias != nullptr ? bias + n0 : nullptr);
+  for (int64_t n0 = 0; n0 < N; n0 += kTileN) {
+    const int64_t nb = std::min(kTileN, N - n0);
+    for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
+      const int64_t mb = std::min(kTileM, M - m0);
+      for (int64_t kc = 0; kc < K; kc += kPanelK) {
+        const int64_t kcb = std::min(kPanelK, K - kc);
+        panel_rows_brgemm(mb, nb, kcb, A + m0 * lda + kc, lda, B_chunks + n0 * K + kc * nb, nb, C + m0 * ldc + n0,
+                          ldc, accumulate || kc > 0, kc + kcb >= K && bias != nullptr ? bias + n0 : nullptr);
+      }
     }
   }
 }
