@@ -320,13 +320,13 @@ def test_pooled_weight_gradients_are_never_shared(set_to_none):
 
 def test_saved_activation_pool_stays_bounded():
     # Batch sizes that come and go (a last smaller batch, variable batches): the pool drops free buffers of
-    # shapes no longer used and holds at most 64 MiB; clear_weight_cache empties it.
+    # shapes no longer used and holds at most 256 MiB; clear_weight_cache empties it.
     import fusedlayers
     t = flows.MaskedAffineAutoregressiveTransform(16, 256, use_residual_blocks=False).double()
     for n in range(1000, 1040):
         y, lad = t(torch.randn(n, 16, dtype=torch.float64))
         (y.sum() + lad.sum()).backward()
-        assert fusedlayers._C._pooled_bytes() <= 64 << 20
+        assert fusedlayers._C._pooled_bytes() <= 256 << 20
     assert fusedlayers._C._pooled_bytes() > 0
     fusedlayers.clear_weight_cache()
     assert fusedlayers._C._pooled_bytes() == 0

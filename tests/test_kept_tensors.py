@@ -148,3 +148,31 @@ def test_kept_states_are_small_and_cleared():
     assert lstm_module._ZERO_STATES
     fusedlayers.clear_weight_cache()
     assert not lstm_module._ZERO_STATES and not lstm_module._BATCH_SIZES
+
+
+def test_lstm_pooled_tensors_never_change_under_the_user():
+    # The LSTM's output, saved gates and input gradient come from the pool of reusable tensors: a tensor the user
+    # (or autograd) still holds is never handed out again, so two forwards before one backward, and outputs kept
+    # across steps, keep their values and give torch's gradients.
+    torch.manual_seed(0)
+    ours = fusedlayers.nn.LSTM(4, 6, num_layers=2)
+    ref = torch.nn.LSTM(4, 6, num_layers=2)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(7, 3, 4)
+    kept = []
+    for _ in range(3):
+        xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = ours(xs)[0], ours(xs * 2)[0]
+        (y1 * y2).sum().backward()
+        r1, r2 = ref(xr)[0], ref(xr * 2)[0]
+        (r1 * r2).sum().backward()
+        torch.testing.assert_close(y1, r1)
+        torch.testing.assert_close(xs.grad, xr.grad)
+        kept.append((y1.detach(), r1.detach(), xs.grad, xr.grad))
+    for y, r, gx, gr in kept:
+        torch.testing.assert_close(y, r)
+        torch.testing.assert_close(gx, gr)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    fusedlayers.clear_weight_cache()
+    assert fusedlayers._C._pooled_bytes() == 0

@@ -2,7 +2,7 @@
 // backward, and a fresh multi-megabyte tensor costs a page fault per 4 KiB when first written (a fifth of a MAF
 // forward at hidden 256, and as much again when the allocator has returned the pages). A small pool per kind and
 // shape keeps the tensors handed out, and hands one out again once nothing but the pool refers to it or to its
-// storage (no tensor, view or autograd record): so its contents can never be observed changing. At most 64 MiB
+// storage (no tensor, view or autograd record): so its contents can never be observed changing. At most 256 MiB
 // stay pooled, free buffers of shapes no longer in use dropped first.
 #pragma once
 

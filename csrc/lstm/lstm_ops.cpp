@@ -4,6 +4,7 @@
 
 #include "common/derived_cache.h"
 #include "common/gemm.h"
+#include "common/reusable_tensor.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -145,13 +146,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
                w_hr = view(contiguous_or_undefined(w_hr_));
   const auto opts = input.options();
   const auto state_opts = opts.dtype(input.scalar_type() == at::kBFloat16 ? at::kFloat : input.scalar_type());
-  Tensor output = at::empty({s.rows, s.output_size}, opts);
+  // The output, saved gates and cells (and the backward's input gradient) come from the pool of reusable tensors:
+  // a fresh tensor's pages fault on first write, and above 32 MiB (a 2-layer stack's gates) every call's are
+  // fresh (4% of a training step).
+  Tensor output = reusable_empty("lstm_output", {s.rows, s.output_size}, opts);
   Tensor h_n = at::empty(h0_.sizes(), opts);
   Tensor c_n = at::empty(c0_.sizes(), opts);
   const int64_t state_size = at::elementSize(state_opts.dtype().toScalarType());
-  Tensor gates = at::empty({train ? s.rows : 0, lstm_gates_stride(s.hidden_size, state_size)}, state_opts);
+  Tensor gates = reusable_empty("lstm_gates", {train ? s.rows : 0, lstm_gates_stride(s.hidden_size, state_size)},
+                                state_opts);
   if (gates.size(1) > 4 * s.hidden_size) gates.narrow(1, 4 * s.hidden_size, gates.size(1) - 4 * s.hidden_size).zero_();
-  Tensor cells = at::empty({train ? s.rows : 0, s.hidden_size}, state_opts);
+  Tensor cells = reusable_empty("lstm_cells", {train ? s.rows : 0, s.hidden_size}, state_opts);
   Tensor raw = at::empty({train && s.has_proj ? s.rows : 0, s.hidden_size}, state_opts);
   const Tensor w_ih_packed = packed_gate_weight(w_ih_, w_ih, s.hidden_size);
   const Tensor w_hh_packed = packed_gate_weight(w_hh_, w_hh, s.hidden_size);
@@ -210,7 +215,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
               "lstm_layer_backward: gradients must have the shapes of output, h_n and c_n");
   const Tensor gates = gates_.contiguous();
   const auto opts = input.options();
-  Tensor grad_input = at::empty({s.rows, s.input_size}, opts);
+  Tensor grad_input = reusable_empty("lstm_grad_input", {s.rows, s.input_size}, opts);
   Tensor grad_h0 = at::empty(h0_.sizes(), opts);
   Tensor grad_c0 = at::empty(c0_.sizes(), opts);
   Tensor grad_w_ih = at::empty({4 * s.hidden_size, s.input_size}, opts);
