@@ -930,3 +930,12 @@ def test_inverse_parity_property(features, hidden, num_blocks, residual, random_
     assert_close_scaled(lad, ref_lad)
     assert_close_scaled(u_again, u)
     assert_close_scaled(fwd_lad + lad, torch.zeros_like(lad))
+
+
+def test_flow_exceptions_are_nflows_exceptions():
+    # Code written against nflows catches ours.
+    import nflows.transforms.base as nflows_base
+    assert issubclass(fl.InverseNotAvailable, nflows_base.InverseNotAvailable)
+    assert issubclass(fl.InputOutsideDomain, nflows_base.InputOutsideDomain)
+    with pytest.raises(nflows_base.InverseNotAvailable):
+        fl.Transform().inverse(torch.zeros(2, 3))

@@ -7,11 +7,18 @@ import torch
 from torch import Tensor, nn
 
 
-class InverseNotAvailable(Exception):
+try:  # where nflows is installed, its exceptions are our bases: code that catches nflows' catches ours
+    from nflows.transforms.base import InputOutsideDomain as _InputOutsideDomainBase
+    from nflows.transforms.base import InverseNotAvailable as _InverseNotAvailableBase
+except ImportError:
+    _InverseNotAvailableBase = _InputOutsideDomainBase = Exception
+
+
+class InverseNotAvailable(_InverseNotAvailableBase):
     """Raised by a transform that has no inverse."""
 
 
-class InputOutsideDomain(Exception):
+class InputOutsideDomain(_InputOutsideDomainBase):
     """Raised when an input lies outside a transform's domain."""
 
 
