@@ -2,7 +2,9 @@
 
 In the child, large allocations are served by mmap (M_MMAP_THRESHOLD = 64 KiB) so that freed memory leaves the
 process at once and the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) follows the
-live memory. One warm-up call first; then the peak of a second call above the resident set before it.
+live memory. One warm-up call first; then the peak of a second call above the resident set before it. What our
+layers keep between calls (pooled activations and gradients, repacked weights) is freed after the warm-up, so
+that the second call's peak counts it.
 
     python -m benchmarks.memory <family> <sizes> <dtype> <case name> <case size> <reference|ours>
 prints the peak in bytes.
@@ -38,6 +40,9 @@ def _measure(family: str, sizes: str, dtype: str, name: str, size: str, which: s
     fn = dict(zip(("reference", "ours"), case.make()))[which]
     with torch.set_grad_enabled(case.grad):
         fn()
+        import fusedlayers
+
+        fusedlayers.clear_weight_cache()  # kept between calls: counted in the measured call's peak
         gc.collect()
         libc.malloc_trim(0)
         before = _status_kib("VmRSS")
