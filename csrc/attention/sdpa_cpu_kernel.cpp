@@ -412,8 +412,12 @@ inline void store_pair(float* out, __m512 e0, __m512 e1, int64_t n) {
 template <typename Out>
 bool exp_in_lanes(const float* row, int64_t n, float scale, float shift, Out* out, float* sum_lanes) {
 #if defined(FL_HAVE_AVX512)
-  const __m512 factor = _mm512_set1_ps(scale), minus_shift = _mm512_set1_ps(-shift);
-  const __m512 lowest = _mm512_set1_ps(-104.f), none = _mm512_set1_ps(neg_inf<float>());
+  // bf16 probabilities are computed as 2^u, u = (x scale - shift) log2(e) in one FMA (exp2_for_bf16_...): the
+  // bounds below are in the same units.
+  constexpr bool base2 = std::is_same_v<Out, bf16>;
+  const float unit = base2 ? 1.44269504089f : 1.f;
+  const __m512 factor = _mm512_set1_ps(scale * unit), minus_shift = _mm512_set1_ps(-shift * unit);
+  const __m512 lowest = _mm512_set1_ps(-104.f * unit), none = _mm512_set1_ps(neg_inf<float>());
   __m512 sum = _mm512_setzero_ps(), top = none;
   // No upper clamp: a lane past kShiftSlack sends the tile to the redo, whatever its exponential. The lower one
   // gives masked (-inf) scores 0; a NaN passes both (max returns its second operand) and reaches the sum.
@@ -421,8 +425,7 @@ bool exp_in_lanes(const float* row, int64_t n, float scale, float shift, Out* ou
     const __m512 t = _mm512_fmadd_ps(x, factor, minus_shift);
     top = _mm512_max_ps(top, t);
     const __m512 clamped = _mm512_max_ps(lowest, t);
-    const __m512 e = std::is_same_v<Out, bf16> ? exp_for_bf16_unclamped_avx512(clamped)
-                                               : exp_unclamped_avx512(clamped);
+    const __m512 e = base2 ? exp2_for_bf16_unclamped_avx512(clamped) : exp_unclamped_avx512(clamped);
     sum = _mm512_add_ps(sum, e);
     return e;
   };
@@ -439,7 +442,7 @@ bool exp_in_lanes(const float* row, int64_t n, float scale, float shift, Out* ou
     const __m512 e1 = exp_of(_mm512_mask_loadu_ps(none, high, row + c + 16));
     store_pair(out + c, e0, e1, rest);
   }
-  if (_mm512_cmp_ps_mask(top, _mm512_set1_ps(kShiftSlack), _CMP_GT_OQ) != 0) return false;
+  if (_mm512_cmp_ps_mask(top, _mm512_set1_ps(kShiftSlack * unit), _CMP_GT_OQ) != 0) return false;
   _mm512_storeu_ps(sum_lanes, _mm512_add_ps(_mm512_loadu_ps(sum_lanes), sum));
   return true;
 #else

@@ -38,16 +38,15 @@ inline __m512 exp_unclamped_avx512(__m512 v) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
   return _mm512_scalef_ps(p, n);
 }
-// The same with a degree-4 polynomial (relative error 2.6e-6, about torch's exp_u20), two FMAs fewer: for values
-// about to be rounded to bfloat16 (relative step 3.9e-3), such as a bf16 attention's probabilities.
-inline __m512 exp_for_bf16_unclamped_avx512(__m512 v) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504089f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(4.145814e-2f);
-  for (const float c : {1.6790812e-1f, 5.000436e-1f, 9.9996346e-1f, 9.999993e-1f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+// 2^u with a degree-4 polynomial in u's fraction (relative error 2.7e-6, about torch's exp_u20): for values about
+// to be rounded to bfloat16 (relative step 3.9e-3), such as a bf16 attention's probabilities, whose caller folds
+// log2(e) into its own scale, so that no range reduction by ln 2 is needed (two instructions fewer than exp).
+inline __m512 exp2_for_bf16_unclamped_avx512(__m512 u) {
+  const __m512 n = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(u, n);  // exact: |f| <= 1/2
+  __m512 p = _mm512_set1_ps(9.57009569e-3f);
+  for (const float c : {5.59178628e-2f, 2.40247443e-1f, 6.93121791e-1f, 9.99999285e-1f})
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
   return _mm512_scalef_ps(p, n);
 }
 #endif
