@@ -66,8 +66,8 @@ inline HeadIndex head_of(int64_t bh, const SdpaSizes& s) {
 // stalled on every line, and a thousand prefetches at once stalled on the few misses a core can have in flight.
 class PrefetchQueue {
  public:
-  // rows of row_bytes, stride bytes apart, from base; for_write: lines the core will write (asked for
-  // ownership, so that the stores do not wait for them).
+  // rows of row_bytes, stride bytes apart, from base; for_write: lines the core will write (in cache before the
+  // stores reach them; a write hint where the build allows prefetchw, a read prefetch otherwise).
   void add(const void* base, int64_t rows, int64_t stride, int64_t row_bytes, bool for_write = false) {
     if (count_ < kBlocks && rows > 0 && row_bytes > 0)
       blocks_[count_++] = {static_cast<const char*>(base), rows, stride, (row_bytes + 63) / 64, for_write};
