@@ -508,6 +508,39 @@ def test_noncontiguous_inputs():
     compare(q, k, v, mask, mask_grad=True, prep=prep_strided, mask_prep=lambda m: m[..., ::2])
 
 
+@pytest.mark.parametrize("dtype", [F64, F32, torch.bfloat16])
+@pytest.mark.parametrize("L, S", [(70, 131), (1, 3000), (4, 2500)], ids=["tiles", "decode", "decode-rows"])
+def test_output_follows_query_layout(L, S, dtype):
+    """A query sliced from a [batch, len, heads, dim] or [len, batch, heads, dim] projection gets an output laid
+    out the same way (so it folds back without a copy), with torch's values; its gradient, in that layout or
+    broadcast, gives torch's gradients."""
+    B, H, E = 2, 3, 16
+    for order in ((0, 2, 1, 3), (2, 0, 1, 3)):  # the memory order of [B, H, L, E]
+        def laid_out(t, n):
+            shape = [(B, H, n, t.shape[-1])[d] for d in order]
+            return t.permute(*order).contiguous().view(shape).permute(*[order.index(d) for d in range(4)])
+
+        q, k, v = (t.to(dtype) for t in qkv(B, H, L, S, E, seed=5))
+        q, k, v = laid_out(q, L), laid_out(k, S), laid_out(v, S)
+        out = fl_sdpa(q, k, v)
+        assert out.permute(*order).is_contiguous()
+        tol = TOL.get(dtype, dict(atol=3e-2, rtol=3e-2))  # bf16: against torch's float32 result of the same inputs
+        ref_dtype = F32 if dtype == torch.bfloat16 else dtype
+        expected = torch_sdpa(*(t.to(ref_dtype) for t in (q, k, v)))
+        torch.testing.assert_close(out.to(ref_dtype), expected, **tol)
+        if dtype == torch.bfloat16:
+            continue
+        for cotangent in (torch.randn_like(out), None):  # in the output's layout; broadcast by a sum
+            grads, ref_grads = [], []
+            for fn, into in ((fl_sdpa, grads), (torch_sdpa, ref_grads)):
+                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                o = fn(*leaves)
+                (o * cotangent).sum().backward() if cotangent is not None else o.sum().backward()
+                into.extend(t.grad for t in leaves)
+            for g, rg in zip(grads, ref_grads):
+                torch.testing.assert_close(g, rg, **tol)
+
+
 def test_inputs_not_modified():
     q, k, v = qkv(2, 2, 9, 13, 8)
     m = randn(9, 13, seed=3)

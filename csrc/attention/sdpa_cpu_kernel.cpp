@@ -551,7 +551,9 @@ void decode_impl(const SdpaForwardArgs<T>& a, const In* q_in, const In* k_in, co
       T best = neg_inf<T>();
       for (int64_t split = 0; split < splits; ++split) best = std::max(best, part_max[(bh * splits + split) * L + i]);
       std::vector<T> row16(a.out16 != nullptr ? Ev : 0);  // the row before its rounding to bf16
-      T* out = a.out16 != nullptr ? row16.data() : a.out + hr * Ev;
+      const HeadIndex hd = head_of(bh, s);
+      const int64_t out_row = hd.batch * a.out_strides.batch + hd.q_head * a.out_strides.head + i * a.out_strides.row;
+      T* out = a.out16 != nullptr ? row16.data() : a.out + out_row;
       std::fill(out, out + Ev, T(0));
       T total = 0;
       if (best != neg_inf<T>()) {
@@ -565,7 +567,7 @@ void decode_impl(const SdpaForwardArgs<T>& a, const In* q_in, const In* k_in, co
       }
       const T inv = total > T(0) ? T(1) / total : T(0);
       for (int64_t c = 0; c < Ev; ++c) out[c] *= inv;
-      if (a.out16 != nullptr) at::vec::convert(out, a.out16 + hr * Ev, Ev);
+      if (a.out16 != nullptr) at::vec::convert(out, a.out16 + out_row, Ev);
       a.lse[2 * hr] = total > T(0) ? best : neg_inf<T>();
       a.lse[2 * hr + 1] = total > T(0) ? std::log(total) : T(0);
     }
@@ -759,11 +761,12 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
         prefetch.add(address(a.q16, a.q, next.batch * a.q_strides.batch + next.q_head * a.q_strides.head +
                                              next_i0 * a.q_strides.row),
                      std::min(kQueryTile, L - next_i0), bytes * a.q_strides.row, bytes * E);
-        const int64_t out_row = next_bh * L + next_i0;
+        const int64_t out_row = next.batch * a.out_strides.batch + next.q_head * a.out_strides.head +
+                                next_i0 * a.out_strides.row;
         if (a.out16 != nullptr)
-          prefetch.add(a.out16 + out_row * Ev, std::min(kQueryTile, L - next_i0), 2 * Ev, 2 * Ev, true);
+          prefetch.add(a.out16 + out_row, std::min(kQueryTile, L - next_i0), 2 * a.out_strides.row, 2 * Ev, true);
         else if (a.out != nullptr)
-          prefetch.add(a.out + out_row * Ev, std::min(kQueryTile, L - next_i0), int64_t(sizeof(T)) * Ev,
+          prefetch.add(a.out + out_row, std::min(kQueryTile, L - next_i0), int64_t(sizeof(T)) * a.out_strides.row,
                        int64_t(sizeof(T)) * Ev, true);
         const bool next_head = next.batch * s.kv_heads + next.kv_head != kv_head;
         if (keys_per_thread && next_head && S * (E + Ev) * bytes <= kPrefetchMaxBytes) {
@@ -901,7 +904,8 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
         take_lanes(r);
         const bool empty = row_sum[r] == T(0);
         const T inv = empty ? T(0) : T(1) / row_sum[r];
-        const int64_t out_row = (bh * L + i0 + r) * Ev;
+        const int64_t out_row = hd.batch * a.out_strides.batch + hd.q_head * a.out_strides.head +
+                                (i0 + r) * a.out_strides.row;
         if constexpr (std::is_same_v<T, float>)
           if (a.out16 != nullptr) to_bf16(acc.data() + r * Ev, a.out16 + out_row, Ev, inv);
         if (a.out != nullptr) scale_row(a.out + out_row, acc.data() + r * Ev, Ev, inv);
@@ -926,13 +930,20 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
   const uint32_t threshold = dropout_threshold(m.dropout_p);
   const T keep_scale = m.dropout_p < 1 ? T(1) / T(1 - m.dropout_p) : T(0);
 
+  const int64_t go_row = a.grad_out_strides.row;
   // D_i = sum_c dO[i, c] * O[i, c]: the softmax backward's row term.
   const int64_t total_rows = s.batch * s.q_heads * L;
   std::vector<T> row_dot(total_rows);
+  const auto row_of = [&](const T* base, const Strides4& st, int64_t row) {  // row: (batch q_heads + head) L + i
+    const int64_t bh = row / L, b = bh / s.q_heads, h = bh % s.q_heads;
+    return base + b * st.batch + h * st.head + (row % L) * st.row;
+  };
   parallel_for(total_rows, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
+      const T* go = row_of(a.grad_out, a.grad_out_strides, row);
+      const T* o = row_of(a.out, a.out_strides, row);
       T acc = 0;
-      for (int64_t c = 0; c < Ev; ++c) acc += a.grad_out[row * Ev + c] * a.out[row * Ev + c];
+      for (int64_t c = 0; c < Ev; ++c) acc += go[c] * o[c];
       row_dot[row] = acc;
     }
   });
@@ -1000,17 +1011,18 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
           for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
             const int64_t bh = b * s.q_heads + h;
             const T* q_head = a.q + b * a.q_strides.batch + h * a.q_strides.head;
+            const T* grad_out_head = a.grad_out + b * a.grad_out_strides.batch + h * a.grad_out_strides.head;
             if (i_lo > i_hi) continue;
             if (prepared_head != bh) {  // this head's queries (scaled, and transposed) and dO transposed
               for (int64_t i = 0; i < L; ++i)
                 for (int64_t c = 0; c < E; ++c) q_scaled[i * E + c] = q_head[i * a.q_strides.row + c] * scale;
               fast_transpose(L, E, q_head, a.q_strides.row, q_t.data(), L);
-              fast_transpose(L, Ev, a.grad_out + bh * L * Ev, Ev, grad_out_t.data(), L);
+              fast_transpose(L, Ev, grad_out_head, go_row, grad_out_t.data(), L);
               prepared_head = bh;
             }
             for (int64_t i0 = (std::max<int64_t>(i_lo, 0) / kQueryTile) * kQueryTile; i0 <= i_hi; i0 += kQueryTile) {
               const int64_t rows = std::min(kQueryTile, L - i0);
-              const T* grad_out = a.grad_out + (bh * L + i0) * Ev;
+              const T* grad_out = grad_out_head + i0 * go_row;
               const T* lse = a.lse + 2 * (bh * L + i0);
               // P = exp((scores - max) - log sum), recomputed; two terms, as one log-sum-exp number would lose
               // the sum under a huge additive mask (-1e9 padding).
@@ -1045,13 +1057,13 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
                   pack_tile_strips(rows, cols, cols_padded, kept, kKeyTile, kept_strips.data());
                   strip_gemm(Ev, cols_padded, rows, grad_out_t.data() + i0, L, kept_strips.data(), dv_t.data(),
                              ld_d, true);
-                  strip_gemm(rows, cols_padded, Ev, grad_out, Ev, value_strips.data(), dprobs.data(), kKeyTile,
+                  strip_gemm(rows, cols_padded, Ev, grad_out, go_row, value_strips.data(), dprobs.data(), kKeyTile,
                              false);
                 }
               if (!strips) {
                 gemm(Ev, cols, rows, grad_out_t.data() + i0, L, kept, kKeyTile, dv_t.data(), cols, true);
                 // dP = dO V^T (through the dropout mask), dS = P * (dP - D)
-                gemm(rows, cols, Ev, grad_out, Ev, value_t.data(), cols, dprobs.data(), kKeyTile, false);
+                gemm(rows, cols, Ev, grad_out, go_row, value_t.data(), cols, dprobs.data(), kKeyTile, false);
               }
               for (int64_t r = 0; r < rows; ++r) {
                 const T* p = probs.data() + r * kKeyTile;

@@ -54,8 +54,9 @@ struct SdpaForwardArgs : SdpaInputs<T> {
   const c10::BFloat16* q16 = nullptr;
   const c10::BFloat16* k16 = nullptr;
   const c10::BFloat16* v16 = nullptr;
-  T* out = nullptr;  // [batch, q_heads, q_len, v_dim], contiguous
+  T* out = nullptr;  // [batch, q_heads, q_len, v_dim] at out_strides (rows contiguous)
   c10::BFloat16* out16 = nullptr;  // optional, in place of out: the output rounded to bf16 as it is written
+  Strides4 out_strides;  // of out or out16, in elements
   // [batch, q_heads, q_len, 2]: each row's score maximum and the log of its sum of exp(score - maximum), kept
   // apart so the backward can rebuild probabilities exactly (maximum -inf: the row attends to nothing).
   T* lse = nullptr;
@@ -63,8 +64,9 @@ struct SdpaForwardArgs : SdpaInputs<T> {
 
 template <typename T>
 struct SdpaBackwardArgs : SdpaInputs<T> {
-  const T* out = nullptr;       // contiguous, as the forward wrote it
-  const T* grad_out = nullptr;  // contiguous
+  const T* out = nullptr;       // [batch, q_heads, q_len, v_dim] at out_strides (rows contiguous)
+  const T* grad_out = nullptr;  // the same shape at grad_out_strides (rows contiguous)
+  Strides4 out_strides, grad_out_strides;
   const T* lse = nullptr;
   T* grad_q = nullptr;     // [batch, q_heads, q_len, head_dim], contiguous
   T* grad_k = nullptr;     // [batch, kv_heads, kv_len, head_dim], contiguous

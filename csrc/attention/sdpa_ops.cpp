@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <tuple>
 
 namespace fl {
@@ -22,6 +24,12 @@ Strides4 strides_of(const Tensor& t) {
 
 // Inner dim contiguous (the GEMM engine's requirement); other strides are kept.
 Tensor rows_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// [.., rows, row] with each row contiguous and rows at least a row apart (no broadcast rows, which the GEMM engine
+// does not take); other strides are kept.
+Tensor rows_apart(const Tensor& t) {
+  return t.stride(-1) == 1 && t.stride(-2) >= t.size(-1) ? t : t.contiguous();
+}
 
 at::ScalarType compute_type(at::ScalarType t) {
   return (t == at::kBFloat16 || t == at::kHalf) ? at::kFloat : t;
@@ -124,6 +132,21 @@ void fill_inputs(SdpaInputs<T>& a, const Prepared& p, bool is_causal, int64_t wi
   a.v_strides = strides_of(p.v);
 }
 
+// An output [batch, heads, q_len, v_dim] laid out in memory as the query is (its first three dims in the order of
+// their strides, largest first, ties in dim order): a query sliced from a [len, batch, heads, dim] or
+// [batch, len, heads, dim] projection gives an output that folds back to [len x batch, embed] or
+// [batch x len, embed] as a view, as torch's own CPU kernel does for the second, instead of a copy.
+// _ops/attention.py's fake kernel follows the same rule.
+Tensor empty_in_query_layout(const Tensor& query, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  std::array<int64_t, 3> order{0, 1, 2};
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return query.stride(a) > query.stride(b); });
+  const std::array<int64_t, 4> physical{sizes[order[0]], sizes[order[1]], sizes[order[2]], sizes[3]};
+  std::array<int64_t, 4> back{};  // logical dim d sits at physical position back[d]
+  for (int64_t p = 0; p < 3; ++p) back[order[p]] = p;
+  back[3] = 3;
+  return at::empty(physical, options).permute({back[0], back[1], back[2], back[3]});
+}
+
 std::tuple<Tensor, Tensor> sdpa_cpu(const Tensor& query, const Tensor& key, const Tensor& value,
                                     const OptTensor& attn_mask, double dropout_p, bool is_causal, double scale,
                                     int64_t window_left, int64_t window_right, int64_t seed) {
@@ -134,8 +157,8 @@ std::tuple<Tensor, Tensor> sdpa_cpu(const Tensor& query, const Tensor& key, cons
   const SdpaSizes& s = p.sizes;
   const auto ct = compute_type(query.scalar_type());
   // bf16 products write a bf16 output directly (no float copy to round afterwards).
-  Tensor out = at::empty({s.batch, s.q_heads, s.q_len, s.v_dim},
-                         p.q.options().dtype(bf16_products ? at::kBFloat16 : ct));
+  Tensor out = empty_in_query_layout(query, {s.batch, s.q_heads, s.q_len, s.v_dim},
+                                     p.q.options().dtype(bf16_products ? at::kBFloat16 : ct));
   Tensor lse = at::empty({s.batch, s.q_heads, s.q_len, 2}, p.q.options().dtype(ct));
   AT_DISPATCH_FLOATING_TYPES(ct, "sdpa_forward", [&] {
     SdpaForwardArgs<scalar_t> a;
@@ -149,6 +172,7 @@ std::tuple<Tensor, Tensor> sdpa_cpu(const Tensor& query, const Tensor& key, cons
         a.out16 = reinterpret_cast<c10::BFloat16*>(out.data_ptr());
       }
     if (!bf16_products) a.out = out.data_ptr<scalar_t>();
+    a.out_strides = strides_of(out);
     a.lse = lse.data_ptr<scalar_t>();
     FL_DISPATCH_ISA(sdpa_forward, a);
   });
@@ -167,7 +191,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sdpa_backward_cpu(
               "sdpa_backward: out and grad_out must have shape [batch, q_heads, q_len, v_dim]");
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.batch, s.q_heads, s.q_len, 2}) && lse.scalar_type() == ct,
               "sdpa_backward: lse must come from the forward op");
-  const Tensor go = grad_out.to(ct).contiguous(), o = out.to(ct).contiguous(), l = lse.contiguous();
+  // Any layout whose rows are contiguous (the forward's output follows the query's layout, and so does its
+  // gradient through the views that fold it back).
+  const Tensor go = rows_apart(grad_out.to(ct)), o = rows_apart(out.to(ct)), l = lse.contiguous();
   Tensor grad_q = at::empty({s.batch, s.q_heads, s.q_len, s.head_dim}, p.q.options());
   Tensor grad_k = at::empty({s.batch, s.kv_heads, s.kv_len, s.head_dim}, p.q.options());
   Tensor grad_v = at::empty({s.batch, s.kv_heads, s.kv_len, s.v_dim}, p.q.options());
@@ -179,6 +205,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sdpa_backward_cpu(
     fill_inputs<scalar_t>(a, p, is_causal, window_left, window_right, dropout_p, seed, scale);
     a.out = o.data_ptr<scalar_t>();
     a.grad_out = go.data_ptr<scalar_t>();
+    a.out_strides = strides_of(o);
+    a.grad_out_strides = strides_of(go);
     a.lse = l.data_ptr<scalar_t>();
     a.grad_q = grad_q.data_ptr<scalar_t>();
     a.grad_k = grad_k.data_ptr<scalar_t>();
@@ -200,7 +228,9 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   // of the sum of exponentials (compute type, [batch, q_heads, q_len, 2]) for the backward.
   m.def(
       "sdpa(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, bool is_causal, "
-      "float scale, int window_left, int window_right, int seed) -> (Tensor, Tensor)");
+      "float scale, int window_left, int window_right, int seed) -> (Tensor, Tensor)",
+      // the output's layout follows the query's: inductor must pass the query with the strides it was traced with
+      {at::Tag::needs_exact_strides});
   m.def(
       "sdpa_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor out, "
       "Tensor lse, float dropout_p, bool is_causal, float scale, int window_left, int window_right, int seed, "

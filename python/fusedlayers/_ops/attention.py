@@ -11,12 +11,21 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
+def _empty_in_query_layout(query, v_dim):
+    """[batch, heads, q_len, v_dim] laid out as the query (its first three dims by stride, largest first, ties in
+    dim order): the rule of sdpa_ops.cpp's empty_in_query_layout."""
+    order = sorted(range(3), key=lambda d: -query.stride(d))  # stable: ties keep dim order
+    physical = query.new_empty([query.shape[d] for d in order] + [v_dim])
+    back = [order.index(d) for d in range(3)] + [3]
+    return physical.permute(back)
+
+
 @torch.library.register_fake("fusedlayers::sdpa")
 def _sdpa_fake(query, key, value, attn_mask, dropout_p, is_causal, scale, window_left, window_right, seed):
     torch._check(query.dim() == 4 and key.dim() == 4 and value.dim() == 4,
                  lambda: "sdpa: query, key and value must be 4-D")
     batch, heads, q_len, _ = query.shape
-    out = query.new_empty(batch, heads, q_len, value.shape[-1])
+    out = _empty_in_query_layout(query, value.shape[-1])
     lse = query.new_empty(batch, heads, q_len, 2, dtype=_compute_dtype(query.dtype))
     return out, lse
 
@@ -42,7 +51,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_lse):
     query, key, value, attn_mask, out, lse = ctx.saved_tensors
     dropout_p, is_causal, scale, window_left, window_right, seed = ctx.params
-    gq, gk, gv, gmask = _backward_op(grad_out.contiguous(), query, key, value, attn_mask, out, lse, dropout_p,
+    gq, gk, gv, gmask = _backward_op(grad_out, query, key, value, attn_mask, out, lse, dropout_p,
                                      is_causal, scale, window_left, window_right, seed, ctx.mask_grad)
     return gq, gk, gv, (gmask if ctx.mask_grad else None), None, None, None, None, None, None
 

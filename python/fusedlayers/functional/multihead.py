@@ -153,8 +153,15 @@ def multi_head_attention_forward(query: Tensor, key: Tensor, value: Tensor, embe
         dropout_p = 0.0
 
     out = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
-    out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
-    out = linear(out, out_proj_weight, out_proj_bias).view(tgt_len, bsz, embed_dim)  # also when tgt_len or bsz is 0
+    # The output is laid out as q (sdpa_ops.cpp): [len, batch, ...] in memory for seq-first inputs, [batch, len,
+    # ...] for batch-first ones (the module's transposed view); either folds into the output projection's rows
+    # without a copy.
+    if out.permute(0, 2, 1, 3).is_contiguous():
+        out = out.permute(0, 2, 1, 3).reshape(bsz * tgt_len, embed_dim)
+        out = linear(out, out_proj_weight, out_proj_bias).view(bsz, tgt_len, embed_dim).transpose(0, 1)
+    else:
+        out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
+        out = linear(out, out_proj_weight, out_proj_bias).view(tgt_len, bsz, embed_dim)  # also when a size is 0
     if not batched:
         out = out.squeeze(1)
     return out, None
