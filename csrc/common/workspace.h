@@ -12,6 +12,7 @@ namespace fl {
 enum class WorkspaceSlot : int { w_ih, w_hh, w_hr, gates, raw, state_h, state_c, left, product, hidden_prev, grad,
                                gemm_b,       // the GEMM engine's contiguous copies of B panels
                                gemm_b_whole,  // ... and of a whole B shared by the tiles of a parallel product
+                               made_grad,     // a MADE backward worker's weight-gradient sums
                                count };
 
 // An uninitialised buffer of `count` elements, 64-byte aligned, valid until the next call with the same slot

@@ -11,6 +11,7 @@
 #include "common/gemm.h"
 #include "common/transpose_kernel.h"
 #include "common/vec_math.h"
+#include "common/workspace.h"
 #include "common/parallel.h"
 #include "flows/coupling_rows.h"
 #include "flows/flow_math.h"
@@ -308,7 +309,9 @@ void forward(const MadeForwardArgs<T>& a) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(num_threads(), slabs);
   parallel_for(workers, 1, [&](int64_t, int64_t) {
-    SlabRows<T> slab;
+    // Kept by the thread from call to call: as fresh vectors, the slab buffers (about a megabyte) were zeroed, and
+    // their pages faulted in, on every call.
+    thread_local SlabRows<T> slab;
     for (int64_t s = next.fetch_add(1); s < slabs; s = next.fetch_add(1))
       forward_slab(a, s * rows, std::min(rows, a.batch - s * rows), rows, slab, st);
   });
@@ -318,18 +321,31 @@ void forward(const MadeForwardArgs<T>& a) {
 template <typename T>
 struct Accumulators {
   std::vector<std::vector<T>> weight_t, bias;
-  std::vector<float> strips;  // the weight gradients, when the products run on strips
+  // The weight gradients, when the products run on strips: the worker thread's workspace (megabytes, which as a
+  // fresh allocation per call cost a page fault per 4 KiB), written by its first slab, then added to.
+  float* strips = nullptr;
 };
 
 template <typename T>
-void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accumulators<T>& acc,
+void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, bool first_slab, Accumulators<T>& acc,
                    std::vector<std::vector<T>>& grads, std::vector<T>& scratch, const BackwardStrips& st) {
   const auto act = static_cast<MadeActivation>(a.activation);
   const int64_t D = a.features, L = a.num_layers;
-  // grads[0]: dx; grads[l + 1]: d(dst of layer l), each [rows, units].
+  // grads[0]: dx; grads[l + 1]: d(dst of layer l), each [rows, units]. Not zeroed: the first contribution to a
+  // buffer is stored, later ones added (written[b]); zeroing them took a fortieth of a MAF training step.
   grads.resize(L + 1);
-  grads[0].assign(rows * D, T(0));
-  for (int64_t l = 0; l < L; ++l) grads[l + 1].assign(rows * a.layers[l].out_units, T(0));
+  grads[0].resize(rows * D);
+  for (int64_t l = 0; l < L; ++l) grads[l + 1].resize(rows * a.layers[l].out_units);
+  std::vector<char> written(L + 1, 0);
+  // buffer b += src (or = src on its first contribution)
+  const auto contribute = [&](int64_t b, const T* src) {
+    T* dst = grads[b].data();
+    if (written[b])
+      add_into(dst, src, static_cast<int64_t>(grads[b].size()));
+    else
+      std::copy(src, src + grads[b].size(), dst);
+    written[b] = true;
+  };
   // The affine map's backward.
   const T* params = a.layers[L - 1].dst + n0 * 2 * D;
   T* dparams = grads[L].data();
@@ -352,21 +368,20 @@ void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accum
       const int64_t w = std::min<int64_t>(W, D - i), e = r * D + i;
       const Vec dyv = Vec::loadu(dy + i, w), sv = Vec::loadu(scale + e, w);
       ((dyv * Vec::loadu(x + i, w) + dl / sv) * Vec::loadu(dscale + i, w)).store(dscale + i, w);
-      (Vec::loadu(dx + e, w) + dyv * sv).store(dx + e, w);
+      (dyv * sv).store(dx + e, w);
     }
     for (int64_t i = 0; i < D; ++i) {
       dparams[r * 2 * D + 2 * i] = dscale[i];
       dparams[r * 2 * D + 2 * i + 1] = dy[i];
     }
   }
+  written[0] = written[L] = true;  // dx's first term and the parameters' gradient, above
   for (int64_t l = L - 1; l >= 0; --l) {
     const MadeLayer<T>& y = a.layers[l];
     const int64_t in = y.in_units, out = y.out_units;
     T* dz = grads[l + 1].data();
-    if (y.residual >= 0) {
-      T* dres = grads[y.residual].data();
-      add_into(dres, dz, rows * out);
-    }
+    if (!written[l + 1]) std::fill(dz, dz + rows * out, T(0));  // an output no later layer reads
+    if (y.residual >= 0) contribute(y.residual, dz);
     if (y.act_out && !y.pre) {  // relu without residual (made_ops): relu'(pre) from relu(pre) itself
       relu_backward(y.dst + n0 * out, dz, dz, rows * out, false);
     } else if (y.act_out) {
@@ -396,7 +411,7 @@ void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accum
     const bool strips = st.on;
     if constexpr (std::is_same_v<T, float>)
       if (strips) {
-        made_strip_weight_grad(rows, input_t, dz, out, st.grads[l], acc.strips.data() + st.grad_offset[l], true,
+        made_strip_weight_grad(rows, input_t, dz, out, st.grads[l], acc.strips + st.grad_offset[l], !first_slab,
                                scratch.data() + 3 * in * rows);
         if (input_grad) made_strip_product(rows, dz, out, st.inputs[l], y.input_strips, nullptr, da, in);
       }
@@ -409,12 +424,15 @@ void backward_slab(const MadeBackwardArgs<T>& a, int64_t n0, int64_t rows, Accum
     }
     if (!input_grad) continue;
     T* dsrc = grads[y.src].data();
+    const bool add = written[y.src];
     if (!y.act_in)
-      add_into(dsrc, da, rows * in);
+      contribute(y.src, da);
     else if (act == MadeActivation::relu)
-      relu_backward(src, da, dsrc, rows * in, true);
+      relu_backward(src, da, dsrc, rows * in, add);
     else
-      for (int64_t e = 0; e < rows * in; ++e) dsrc[e] += da[e] * made_activation_grad(act, src[e]);
+      for (int64_t e = 0; e < rows * in; ++e)
+        dsrc[e] = (add ? dsrc[e] : T(0)) + da[e] * made_activation_grad(act, src[e]);
+    written[y.src] = true;
   }
   if (a.grad_inputs) std::copy(grads[0].begin(), grads[0].end(), a.grad_inputs + n0 * D);
 }
@@ -428,8 +446,8 @@ void backward(const MadeBackwardArgs<T>& a) {
   const BackwardStrips st = backward_strips_of(a);
   const bool strips = st.on;
   parallel_for(workers, 1, [&](int64_t begin, int64_t end) {
-    std::vector<std::vector<T>> grads;
-    std::vector<T> scratch;
+    thread_local std::vector<std::vector<T>> grads;  // kept from call to call, as the forward's slab buffers
+    thread_local std::vector<T> scratch;
     for (int64_t w = begin; w < end; ++w) {
       Accumulators<T>& mine = acc[w];
       mine.weight_t.resize(strips ? 0 : L);
@@ -438,11 +456,13 @@ void backward(const MadeBackwardArgs<T>& a) {
         if (!strips) mine.weight_t[l].assign(a.layers[l].in_units * a.layers[l].out_units, T(0));
         mine.bias[l].assign(a.layers[l].out_units, T(0));
       }
-      mine.strips.assign(st.grad_floats, 0.0f);
+      if (strips)  // (one block per worker: a nested call runs every worker on this thread)
+        mine.strips = workspace<float>(WorkspaceSlot::made_grad, (end - begin) * st.grad_floats) +
+                      (w - begin) * st.grad_floats;
       int64_t s0, s1;
       split_range(slabs, workers, w, s0, s1);
       for (int64_t s = s0; s < s1; ++s)
-        backward_slab(a, s * rows, std::min(rows, a.batch - s * rows), mine, grads, scratch, st);
+        backward_slab(a, s * rows, std::min(rows, a.batch - s * rows), s == s0, mine, grads, scratch, st);
     }
   });
   // The weight gradients, summed over the workers, straight into the module's unit order, masked.
@@ -457,7 +477,7 @@ void backward(const MadeBackwardArgs<T>& a) {
         for (int64_t item = i0; item < i1; ++item) {
           const auto [l, s] = items[item];
           sums.clear();
-          for (const auto& w : acc) sums.push_back(w.strips.data() + st.grad_offset[l]);
+          for (const auto& w : acc) sums.push_back(w.strips + st.grad_offset[l]);
           unpack_made_strip_grad(st.grads[l], s, sums.data(), static_cast<int64_t>(sums.size()),
                                  a.layers[l].in_units, a.out_perm[l], a.in_perm[l], a.mask[l], a.grad_weight[l]);
         }
