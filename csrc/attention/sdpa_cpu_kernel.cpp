@@ -817,7 +817,9 @@ void forward_impl(const SdpaForwardArgs<T>& a) {
         j_end = std::max(j_end, keys.last + 1);
       }
       for (int64_t j0 = (j_begin / kKeyTile) * kKeyTile; j0 < j_end; j0 += kKeyTile) {
-        const int64_t cols = std::min(kKeyTile, S - j0);
+        // The last tile stops at the last key any row may attend to, rounded up to 32 keys (whole vectors, and
+        // whole pairs for the bf16 products): on a causal diagonal that halves the masked-out work.
+        const int64_t cols = std::min({kKeyTile, S - j0, (j_end - j0 + 31) / 32 * 32});
         key_product(0, rows, cols, j0, scores.data());
         finish_scores(scores.data(), kKeyTile, rows, cols, i0, j0, hd.batch, hd.q_head, s, m, tile_scale);
         // The two-pass step of a row p of scaled scores: a new running maximum, the row's sum and output so far
