@@ -1024,24 +1024,34 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
             }
             for (int64_t i0 = (std::max<int64_t>(i_lo, 0) / kQueryTile) * kQueryTile; i0 <= i_hi; i0 += kQueryTile) {
               const int64_t rows = std::min(kQueryTile, L - i0);
+              // Keys past the last one this tile's last row may attend to are masked for all its rows (the
+              // bound grows with the row): the products stop there, rounded up to 32 keys (on a causal
+              // diagonal the first query tile of a key tile sees at most half of it). dQ's product keeps every
+              // key of the tile (its strips are packed for them), with dS zero past the live ones.
+              const int64_t last_key = allowed_keys(i0 + rows - 1, S, m.causal, m.window_left, m.window_right).last;
+              const int64_t live = std::min(cols, std::max<int64_t>(0, last_key + 1 - j0 + 31) / 32 * 32);
+              // (strips packed over more than one chunk of E or Ev rows lie N apart: those products keep N)
+              const int64_t live_padded = E > kStripChunk || Ev > kStripChunk
+                  ? cols_padded : std::min(cols_padded, (live + kStripColumns - 1) / kStripColumns * kStripColumns);
+              if (live == 0) continue;
               const T* grad_out = grad_out_head + i0 * go_row;
               const T* lse = a.lse + 2 * (bh * L + i0);
               // P = exp((scores - max) - log sum), recomputed; two terms, as one log-sum-exp number would lose
               // the sum under a huge additive mask (-1e9 padding).
               if constexpr (std::is_same_v<T, float>)
                 if (strips)
-                  strip_gemm(rows, cols_padded, E, q_scaled.data() + i0 * E, E, key_strips.data(), probs.data(),
+                  strip_gemm(rows, live_padded, E, q_scaled.data() + i0 * E, E, key_strips.data(), probs.data(),
                              kKeyTile, false);
               if (!strips)
-                gemm(rows, cols, E, q_scaled.data() + i0 * E, E, key_t.data(), cols, probs.data(), kKeyTile, false);
-              finish_scores(probs.data(), kKeyTile, rows, cols, i0, j0, b, h, s, m, T(1));
+                gemm(rows, live, E, q_scaled.data() + i0 * E, E, key_t.data(), cols, probs.data(), kKeyTile, false);
+              finish_scores(probs.data(), kKeyTile, rows, live, i0, j0, b, h, s, m, T(1));
               for (int64_t r = 0; r < rows; ++r) {
                 T* p = probs.data() + r * kKeyTile;
                 if (lse[2 * r] == neg_inf<T>()) {
-                  std::fill(p, p + cols, T(0));
+                  std::fill(p, p + live, T(0));
                 } else {
-                  for (int64_t c = 0; c < cols; ++c) p[c] -= lse[2 * r];
-                  exp_shifted(p, cols, lse[2 * r + 1]);
+                  for (int64_t c = 0; c < live; ++c) p[c] -= lse[2 * r];
+                  exp_shifted(p, live, lse[2 * r + 1]);
                 }
               }
               // dV^T += dO^T (P with dropout)
@@ -1049,46 +1059,47 @@ void backward_impl(const SdpaBackwardArgs<T>& a) {
               if (dropout) {
                 for (int64_t r = 0; r < rows; ++r) {
                   T* pd = dprobs.data() + r * kKeyTile;
-                  std::copy(probs.data() + r * kKeyTile, probs.data() + r * kKeyTile + cols, pd);
-                  apply_dropout(pd, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
+                  std::copy(probs.data() + r * kKeyTile, probs.data() + r * kKeyTile + live, pd);
+                  apply_dropout(pd, live, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
                 }
                 kept = dprobs.data();
               }
               if constexpr (std::is_same_v<T, float>)
                 if (strips) {
-                  pack_tile_strips(rows, cols, cols_padded, kept, kKeyTile, kept_strips.data());
-                  strip_gemm(Ev, cols_padded, rows, grad_out_t.data() + i0, L, kept_strips.data(), dv_t.data(),
+                  pack_tile_strips(rows, live, live_padded, kept, kKeyTile, kept_strips.data());
+                  strip_gemm(Ev, live_padded, rows, grad_out_t.data() + i0, L, kept_strips.data(), dv_t.data(),
                              ld_d, true);
-                  strip_gemm(rows, cols_padded, Ev, grad_out, go_row, value_strips.data(), dprobs.data(), kKeyTile,
+                  strip_gemm(rows, live_padded, Ev, grad_out, go_row, value_strips.data(), dprobs.data(), kKeyTile,
                              false);
                 }
               if (!strips) {
-                gemm(Ev, cols, rows, grad_out_t.data() + i0, L, kept, kKeyTile, dv_t.data(), cols, true);
+                gemm(Ev, live, rows, grad_out_t.data() + i0, L, kept, kKeyTile, dv_t.data(), cols, true);
                 // dP = dO V^T (through the dropout mask), dS = P * (dP - D)
-                gemm(rows, cols, Ev, grad_out, go_row, value_t.data(), cols, dprobs.data(), kKeyTile, false);
+                gemm(rows, live, Ev, grad_out, go_row, value_t.data(), cols, dprobs.data(), kKeyTile, false);
               }
               for (int64_t r = 0; r < rows; ++r) {
                 const T* p = probs.data() + r * kKeyTile;
                 T* ds = dprobs.data() + r * kKeyTile;
                 if (dropout)
-                  apply_dropout(ds, cols, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
+                  apply_dropout(ds, live, m, (uint64_t(bh) * L + i0 + r) * S + j0, keep_scale, threshold);
                 const T d = row_dot[bh * L + i0 + r];
-                for (int64_t c = 0; c < cols; ++c) ds[c] = p[c] * (ds[c] - d);
-                if (a.grad_mask != nullptr)
-                  std::copy(ds, ds + cols, a.grad_mask + (bh * L + i0 + r) * S + j0);
+                for (int64_t c = 0; c < live; ++c) ds[c] = p[c] * (ds[c] - d);
+                std::fill(ds + live, ds + cols, T(0));
+                if (a.grad_mask != nullptr)  // (zero past the live keys, as allocated)
+                  std::copy(ds, ds + live, a.grad_mask + (bh * L + i0 + r) * S + j0);
               }
               // dQ += dS K and dK^T += Q^T dS, both without the scale (applied once at the end)
               if constexpr (std::is_same_v<T, float>)
                 if (strips) {
                   strip_gemm(rows, E, cols, dprobs.data(), kKeyTile, key_rows.data(), dq_base + (bh * L + i0) * E,
                              E, true);
-                  pack_tile_strips(rows, cols, cols_padded, dprobs.data(), kKeyTile, ds_strips.data());
-                  strip_gemm(E, cols_padded, rows, q_t.data() + i0, L, ds_strips.data(), dk_t.data(), ld_d, true);
+                  pack_tile_strips(rows, live, live_padded, dprobs.data(), kKeyTile, ds_strips.data());
+                  strip_gemm(E, live_padded, rows, q_t.data() + i0, L, ds_strips.data(), dk_t.data(), ld_d, true);
                   continue;
                 }
-              gemm(rows, E, cols, dprobs.data(), kKeyTile, k + j0 * a.k_strides.row, a.k_strides.row,
+              gemm(rows, E, live, dprobs.data(), kKeyTile, k + j0 * a.k_strides.row, a.k_strides.row,
                    dq_base + (bh * L + i0) * E, E, true);
-              gemm(E, cols, rows, q_t.data() + i0, L, dprobs.data(), kKeyTile, dk_t.data(), cols, true);
+              gemm(E, live, rows, q_t.data() + i0, L, dprobs.data(), kKeyTile, dk_t.data(), cols, true);
             }
           }
           T* grad_k = a.grad_k + (head * S + j0) * E;
