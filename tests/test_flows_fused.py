@@ -294,6 +294,40 @@ def test_saved_activations_are_not_reused_while_a_graph_holds_them():
             torch.testing.assert_close(a, b)
 
 
+def test_scratch_kept_by_threads_gives_the_same_results_everywhere():
+    """The kernels keep their slab buffers and weight-gradient sums per thread from call to call: results must
+    not depend on the thread count (one thread runs every worker's share), on a differently shaped network run
+    in between, or on calls from several Python threads at once."""
+    import concurrent.futures
+
+    torch.manual_seed(0)
+    t = make_transform(20, use_residual_blocks=True).float()
+    other = make_transform(7, use_residual_blocks=False).float()
+    x = torch.randn(700, 20)  # several slabs per worker
+
+    def run(transform=t, inputs=x):
+        y, logdet = transform(inputs)
+        grads = torch.autograd.grad(y.square().sum() + logdet.sum(), list(transform.parameters()))
+        return [y.detach(), logdet.detach(), *grads]
+
+    def same(results, expected):
+        for a, b in zip(results, expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+    expected = run()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        same(run(), expected)
+    finally:
+        torch.set_num_threads(threads)
+    run(other, torch.randn(50, 7))  # another shape through the same threads' buffers
+    same(run(), expected)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for results in pool.map(lambda _: run(), range(4)):
+            same(results, expected)
+
+
 @pytest.mark.parametrize("set_to_none", [True, False], ids=["grads_freed", "grads_accumulated"])
 def test_pooled_weight_gradients_are_never_shared(set_to_none):
     # The weight gradients come from the pool too: each step's .grad (taken over by autograd, or added into)
