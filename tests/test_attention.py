@@ -1059,6 +1059,24 @@ def test_opcheck_forward_no_grad_and_float32():
     torch.library.opcheck(torch.ops.fusedlayers.sdpa.default, _op_args("bool", False, (-1, 0), dtype=F32))
 
 
+@pytest.mark.parametrize("order", [(0, 2, 1, 3), (2, 0, 1, 3), (1, 0, 2, 3)], ids=["blhd", "lbhd", "hbld"])
+def test_opcheck_forward_query_layouts(order):
+    """The output follows the query's layout: the fake kernel must give the real strides for each, and the
+    backward must take the output and its gradient in that layout."""
+    q, k, v, mask, *rest = _op_args("float", False, (-1, -1))
+
+    def laid_out(t):
+        back = [order.index(d) for d in range(4)]
+        return t.detach().permute(*order).contiguous().permute(*back).requires_grad_(t.requires_grad)
+
+    args = (laid_out(q), laid_out(k), laid_out(v), mask, *rest)
+    torch.library.opcheck(torch.ops.fusedlayers.sdpa.default, args)
+    out, lse = torch.ops.fusedlayers.sdpa(*args)
+    assert out.permute(*order).is_contiguous()
+    bargs = (torch.randn_like(out), *(t.detach() for t in args[:3]), mask.detach(), out.detach(), lse, *rest, False)
+    torch.library.opcheck(torch.ops.fusedlayers.sdpa_backward.default, bargs)
+
+
 @pytest.mark.parametrize("mask_kind,mask_grad", [(None, False), ("bool", False), ("float", True),
                                                  ("float", False), ("float_expanded", True)])
 def test_opcheck_backward(mask_kind, mask_grad):
